@@ -1,0 +1,1761 @@
+#!/usr/bin/env python3
+"""local-endpoints: Amazon ECS local container endpoints, in one readable file.
+
+Run beside your containers so the code inside them sees what it would see on
+ECS or Fargate:
+
+* credentials at ``AWS_CONTAINER_CREDENTIALS_RELATIVE_URI`` (``/creds``,
+  ``/role/{name}``, ``/role-arn/{arn}``), vended from your own AWS identity;
+* task metadata and stats (v2, v3, v4) built from the live Docker Engine.
+
+Reading guide for auditors: every route is in ``ROUTES`` near the end of the
+file; each names one small handler method of ``Endpoints``.  The only external
+calls are made by ``DockerClient`` (the Docker Engine API over its Unix socket)
+and ``AwsIdentity`` (boto3's credential chain, STS and IAM).  Routes that hand
+out credentials are marked ``guarded`` in the table; ``CallerPolicy`` decides
+who may call them.
+
+Sections, in data-flow order: configuration, Docker client, credentials,
+metadata builders, stats, the route table, the HTTP handler, main().
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import errno
+import getpass
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Iterator
+from urllib.parse import quote, unquote
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import botocore.session
+import requests
+import requests_unixsocket
+
+VERSION = "0.1.0"
+log = logging.getLogger("local_endpoints")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+DEFAULT_TASK_ARN = (
+    "arn:aws:ecs:us-west-2:111111111111:task/ecs-local-cluster/37e873f6-37b4-42a7-af47-eac7275c6152"
+)
+
+# (environment variable, default, meaning): the single source for --help and README.
+SETTINGS: tuple[tuple[str, str, str], ...] = (
+    ("ECS_LOCAL_METADATA_PORT", "80", "TCP port to listen on (--port)"),
+    ("ECS_LOCAL_BIND_ADDRESS", "0.0.0.0", "address to listen on; '::' serves IPv4 and IPv6 (--bind)"),
+    ("ECS_LOCAL_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR (--log-level)"),
+    ("AWS_PROFILE", "", "profile of ~/.aws/config and ~/.aws/credentials; the whole boto3 credential chain applies"),
+    ("SHARED_TOKEN_EXPIRATION", "750s", "lifetime given to base credentials that are already temporary "
+                                        "and carry no expiry of their own ('750s', '15m', '1h', or seconds)"),
+    ("STS_ENDPOINT", "", "STS endpoint URL; also STS_CUSTOM_ENDPOINT, AWS_ENDPOINT_URL_STS, AWS_ENDPOINT_URL"),
+    ("IAM_ENDPOINT", "", "IAM endpoint URL; also IAM_CUSTOM_ENDPOINT, AWS_ENDPOINT_URL_IAM, AWS_ENDPOINT_URL"),
+    ("DOCKER_HOST", "", "unix:// socket of the Docker Engine; default: the first that exists of "
+                        "/var/run/docker.sock, Docker Desktop's, rootless, colima's and podman's sockets"),
+    ("CLUSTER_ARN", "ecs-local-cluster", "Cluster in task metadata"),
+    ("TASK_ARN", "(per compose project)", "TaskARN; when unset each compose project gets its own stable ARN"),
+    ("TASK_DEFINITION_FAMILY", "(compose project)", "Family; default: the compose project, "
+                                                    "else ecs-local-task-definition"),
+    ("TASK_DEFINITION_REVISION", "1", "Revision"),
+    ("LAUNCH_TYPE", "EC2", "LaunchType (v4)"),
+    ("AVAILABILITY_ZONE", "(TASK_ARN's region)a", "AvailabilityZone"),
+    ("TASK_TAGS", "", "TaskTags for the WithTags routes, as k=v,k2=v2"),
+    ("CONTAINER_INSTANCE_TAGS", "", "ContainerInstanceTags for the WithTags routes, as k=v,k2=v2"),
+    ("CONTAINER_METADATA_PATH", "", "JSON file deep-merged over every container response"),
+    ("TASK_METADATA_PATH", "", "JSON file deep-merged over every task response"),
+    ("ECS_LOCAL_CONTAINER_ID", "", "name or ID of the container this server runs in (found by itself "
+                                   "from HOSTNAME or /proc otherwise)"),
+    ("ECS_LOCAL_ALLOWED_CALLERS", "(loopback, link-local, bridge subnets)",
+     "comma-separated CIDRs allowed to fetch credentials"),
+    ("ECS_LOCAL_AUTHORIZATION_TOKEN", "", "when set, credentials routes require this Authorization header"),
+    ("ECS_LOCAL_AUTHORIZATION_TOKEN_FILE", "", "file holding that token"),
+    ("ECS_LOCAL_MAX_CONNECTIONS", "512", "concurrent connections served; more get a quick 503"),
+)
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used: reported as one line at start-up."""
+
+
+@dataclass(frozen=True)
+class Config:
+    port: int = 80
+    bind: str = "0.0.0.0"
+    log_level: str = "INFO"
+    shared_token_expiration: float = 750.0
+    sts_endpoint: str | None = None
+    iam_endpoint: str | None = None
+    docker_host: str = "unix:///var/run/docker.sock"
+    cluster_arn: str = "ecs-local-cluster"
+    task_arn: str | None = None
+    task_family: str | None = None
+    task_revision: str = "1"
+    launch_type: str = "EC2"
+    availability_zone: str | None = None
+    task_tags: dict[str, str] = field(default_factory=dict)
+    container_instance_tags: dict[str, str] = field(default_factory=dict)
+    container_metadata_path: str | None = None
+    task_metadata_path: str | None = None
+    own_container: str | None = None
+    hostname: str | None = None
+    allowed_callers: tuple[IPNetwork, ...] | None = None
+    authorization_token: str | None = field(default=None, repr=False)
+    max_connections: int = 512
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a Go-style duration ('750s', '15m', '1h30m') or a plain number."""
+    text = text.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(text)
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def parse_tags(name: str, text: str) -> dict[str, str]:
+    tags = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{name}: {item!r} is not key=value")
+        tags[key.strip()] = value.strip()
+    return tags
+
+
+def parse_networks(name: str, text: str) -> tuple[IPNetwork, ...]:
+    try:
+        return tuple(ipaddress.ip_network(part.strip(), strict=False)
+                     for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def first_env(environ: dict[str, str], *names: str) -> str | None:
+    return next((environ[n] for n in names if environ.get(n)), None)
+
+
+def with_scheme(url: str | None) -> str | None:
+    """The original accepted bare host names as endpoints; boto3 wants a URL."""
+    if url and "://" not in url:
+        return "https://" + url
+    return url
+
+
+def find_docker_host(environ: dict[str, str]) -> str:
+    """DOCKER_HOST, else the first socket that exists of the usual places."""
+    if environ.get("DOCKER_HOST"):
+        host = environ["DOCKER_HOST"]
+        if not host.startswith(("unix://", "tcp://", "http://")):
+            raise ConfigError(f"DOCKER_HOST={host!r}: expected unix://PATH or tcp://HOST:PORT")
+        return host
+    home = os.path.expanduser("~")
+    runtime = environ.get("XDG_RUNTIME_DIR")
+    candidates = ["/var/run/docker.sock", f"{home}/.docker/run/docker.sock"]
+    if runtime:
+        candidates.append(f"{runtime}/docker.sock")
+    candidates += [f"{home}/.colima/default/docker.sock", "/run/podman/podman.sock"]
+    if runtime:
+        candidates.append(f"{runtime}/podman/podman.sock")
+    found = next((path for path in candidates if os.path.exists(path)), candidates[0])
+    return "unix://" + found
+
+
+def read_token(environ: dict[str, str]) -> str | None:
+    if environ.get("ECS_LOCAL_AUTHORIZATION_TOKEN"):
+        return environ["ECS_LOCAL_AUTHORIZATION_TOKEN"]
+    path = environ.get("ECS_LOCAL_AUTHORIZATION_TOKEN_FILE")
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"ECS_LOCAL_AUTHORIZATION_TOKEN_FILE: {path}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(f"ECS_LOCAL_AUTHORIZATION_TOKEN_FILE: {path} is empty")
+    return token
+
+
+def settings_help() -> str:
+    width = max(len(name) for name, _, _ in SETTINGS)
+    lines = ["settings (environment variables):"]
+    for name, default, meaning in SETTINGS:
+        lines.append(f"  {name:<{width}}  {meaning}" + (f" [default: {default}]" if default else ""))
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="local_endpoints.py",
+        description="Amazon ECS local container endpoints: credentials and task metadata for "
+                    "containers running on your machine.",
+        epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, help="port to listen on (ECS_LOCAL_METADATA_PORT, default 80)")
+    parser.add_argument("--bind", help="address to listen on (ECS_LOCAL_BIND_ADDRESS, default 0.0.0.0)")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper,
+                        help="logging level (ECS_LOCAL_LOG_LEVEL, default INFO)")
+    parser.add_argument("--generate-token", action="store_true",
+                        help="print a random token for ECS_LOCAL_AUTHORIZATION_TOKEN and exit")
+    parser.add_argument("--version", action="version", version=f"local-endpoints {VERSION}")
+    return parser.parse_args(argv)
+
+
+def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
+    """Settings from the command line, then the environment, then defaults."""
+    try:
+        port = args.port if args.port is not None else int(environ.get("ECS_LOCAL_METADATA_PORT") or 80)
+        max_connections = int(environ.get("ECS_LOCAL_MAX_CONNECTIONS") or 512)
+    except ValueError as exc:
+        raise ConfigError(f"not a number: {exc}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port {port} is out of range")
+    expiration_text = environ.get("SHARED_TOKEN_EXPIRATION") or "750s"
+    try:
+        expiration = parse_duration(expiration_text)
+    except ValueError:
+        log.warning("SHARED_TOKEN_EXPIRATION=%r is not a duration; using 750s", expiration_text)
+        expiration = 750.0
+    allowed = environ.get("ECS_LOCAL_ALLOWED_CALLERS")
+    return Config(
+        port=port,
+        bind=args.bind or environ.get("ECS_LOCAL_BIND_ADDRESS") or "0.0.0.0",
+        log_level=args.log_level or (environ.get("ECS_LOCAL_LOG_LEVEL") or "INFO").upper(),
+        shared_token_expiration=expiration,
+        sts_endpoint=with_scheme(first_env(environ, "STS_ENDPOINT", "STS_CUSTOM_ENDPOINT",
+                                           "AWS_ENDPOINT_URL_STS", "AWS_ENDPOINT_URL")),
+        iam_endpoint=with_scheme(first_env(environ, "IAM_ENDPOINT", "IAM_CUSTOM_ENDPOINT",
+                                           "AWS_ENDPOINT_URL_IAM", "AWS_ENDPOINT_URL")),
+        docker_host=find_docker_host(environ),
+        cluster_arn=environ.get("CLUSTER_ARN") or "ecs-local-cluster",
+        task_arn=environ.get("TASK_ARN") or None,
+        task_family=environ.get("TASK_DEFINITION_FAMILY") or None,
+        task_revision=environ.get("TASK_DEFINITION_REVISION") or "1",
+        launch_type=environ.get("LAUNCH_TYPE") or "EC2",
+        availability_zone=environ.get("AVAILABILITY_ZONE") or None,
+        task_tags=parse_tags("TASK_TAGS", environ.get("TASK_TAGS", "")),
+        container_instance_tags=parse_tags("CONTAINER_INSTANCE_TAGS",
+                                           environ.get("CONTAINER_INSTANCE_TAGS", "")),
+        container_metadata_path=environ.get("CONTAINER_METADATA_PATH") or None,
+        task_metadata_path=environ.get("TASK_METADATA_PATH") or None,
+        own_container=environ.get("ECS_LOCAL_CONTAINER_ID") or None,
+        hostname=environ.get("HOSTNAME") or None,
+        allowed_callers=parse_networks("ECS_LOCAL_ALLOWED_CALLERS", allowed) if allowed else None,
+        authorization_token=read_token(environ),
+        max_connections=max_connections,
+    )
+
+
+class JsonOverride:
+    """A JSON file merged over generated responses, re-read when it changes on disk."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self._stamp: tuple[float, int] | None = None
+        self._value: dict = {}
+        self._lock = threading.Lock()
+        if path:
+            self._value = self._read()
+            self._stamp = self._stat()
+
+    def _stat(self) -> tuple[float, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime, st.st_size)
+
+    def _read(self) -> dict:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                value = json.load(f)
+        except OSError as exc:
+            raise ConfigError(f"{self.path}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{self.path}: invalid JSON at line {exc.lineno} column {exc.colno}: "
+                              f"{exc.msg}") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self.path}: expected a JSON object")
+        return value
+
+    def current(self) -> dict:
+        """The file's content; a broken edit keeps the last good version and warns."""
+        if not self.path:
+            return {}
+        stamp = self._stat()
+        if stamp != self._stamp:
+            with self._lock:
+                if stamp != self._stamp:
+                    try:
+                        self._value = self._read()
+                        log.info("reloaded %s", self.path)
+                    except ConfigError as exc:
+                        log.warning("keeping the previous metadata override: %s", exc)
+                    self._stamp = stamp
+        return self._value
+
+
+def deep_merge(base: Any, override: Any) -> Any:
+    """override wins; objects are merged key by key, everything else is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = deep_merge(base.get(key), value)
+        return merged
+    return copy.deepcopy(override)
+
+
+# ---------------------------------------------------------------------------
+# Errors: one JSON shape for every error the server gives
+# ---------------------------------------------------------------------------
+
+class ApiError(Exception):
+    """An answer other than 200, sent as {"code", "message", "HTTPErrorCode"}."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"code": self.code, "message": self.message, "HTTPErrorCode": self.status}
+
+
+# ---------------------------------------------------------------------------
+# Docker client
+# ---------------------------------------------------------------------------
+
+DOCKER_TIMEOUT = 5.0
+MAX_DOCKER_API = (1, 51)
+COMPOSE_PROJECT = "com.docker.compose.project"
+COMPOSE_SERVICE = "com.docker.compose.service"
+
+
+def choose_api_version(server: dict) -> str:
+    """The engine's API version, capped at the newest this file was written against.
+
+    Never a pinned old version: Docker 29 refuses anything below 1.44.
+    """
+    def parse(text: str) -> tuple[int, int]:
+        major, minor = text.split(".")[:2]
+        return int(major), int(minor)
+
+    chosen = min(parse(server["ApiVersion"]), MAX_DOCKER_API)
+    if server.get("MinAPIVersion"):
+        chosen = max(chosen, parse(server["MinAPIVersion"]))
+    return f"{chosen[0]}.{chosen[1]}"
+
+
+class DockerClient:
+    """The Docker Engine API over its socket; every call has a timeout."""
+
+    def __init__(self, host: str):
+        self.host = host
+        if host.startswith("unix://"):
+            self.socket = host[len("unix://"):]
+            self.base = "http+unix://" + quote(self.socket, safe="")
+        else:
+            self.socket = host
+            self.base = "http://" + host.split("://", 1)[1]
+        self._session = self._new_session()
+        self.api_version: str | None = None
+
+    @staticmethod
+    def _new_session() -> requests.Session:
+        return requests_unixsocket.Session()
+
+    def timeout_error(self) -> ApiError:
+        return ApiError(504, "DockerTimeout",
+                        f"the Docker Engine at {self.host} did not answer within {DOCKER_TIMEOUT:g} s")
+
+    def _error(self, exc: Exception) -> ApiError:
+        if isinstance(exc, requests.Timeout):
+            return self.timeout_error()
+        return ApiError(503, "DockerUnavailable",
+                        f"cannot reach the Docker Engine at {self.host}: is Docker running and the socket "
+                        "mounted (-v /var/run/docker.sock:/var/run/docker.sock)? Set DOCKER_HOST to "
+                        "use another socket")
+
+    def _url(self, path: str) -> str:
+        if self.api_version is None:
+            self.api_version = choose_api_version(self._call(self._session, self.base + "/version"))
+            log.info("Docker Engine at %s, API version %s", self.host, self.api_version)
+        return f"{self.base}/v{self.api_version}{path}"
+
+    def _call(self, session: requests.Session, url: str, params: dict | None = None,
+              stream: bool = False, read_timeout: float | None = DOCKER_TIMEOUT) -> Any:
+        try:
+            response = session.get(url, params=params, stream=stream, timeout=(DOCKER_TIMEOUT, read_timeout))
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            self.api_version = None   # the engine may come back as another version
+            raise self._error(exc) from None
+        if response.status_code == 404:
+            response.close()
+            raise LookupError(url)
+        if response.status_code >= 400:
+            message = response.text[:300]
+            response.close()
+            raise ApiError(502, "DockerError", f"the Docker Engine answered {response.status_code}: {message}")
+        if stream:
+            return response
+        try:
+            return response.json()
+        except ValueError:
+            raise ApiError(502, "DockerError", "the Docker Engine sent a reply that is not JSON") from None
+
+    def get(self, path: str, params: dict | None = None) -> Any:
+        """GET a JSON document; LookupError for a 404 (e.g. a container just removed)."""
+        return self._call(self._session, self._url(path), params)
+
+    def stream(self, path: str, params: dict | None = None, read_timeout: float | None = None
+               ) -> Iterator[dict]:
+        """The JSON objects of a streaming endpoint (events, stats), on a connection of its own.
+
+        The connection is open when this returns, so nothing sent after that is missed.
+        """
+        session = self._new_session()
+        try:
+            response = self._call(session, self._url(path), params, stream=True, read_timeout=read_timeout)
+        except BaseException:
+            session.close()
+            raise
+        return self._objects(session, response)
+
+    def _objects(self, session: requests.Session, response: requests.Response) -> Iterator[dict]:
+        try:
+            for line in response.iter_lines():
+                if line:
+                    yield json.loads(line)
+        except (requests.RequestException, ValueError) as exc:
+            raise self._error(exc) from None
+        finally:
+            response.close()
+            session.close()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The engine's containers (docker inspect JSON) and networks at one moment."""
+    containers: dict[str, dict]
+    networks: dict[str, dict]
+
+    def running(self) -> list[dict]:
+        return [c for c in self.containers.values() if c["State"].get("Running")]
+
+    def bridge_subnets(self) -> list[IPNetwork]:
+        """Subnets of bridge networks: their containers may ask for credentials by default.
+
+        Not macvlan/ipvlan: their subnet is the LAN itself.
+        """
+        subnets = []
+        for network in self.networks.values():
+            if network.get("Driver") != "bridge":
+                continue
+            for conf in (network.get("IPAM") or {}).get("Config") or []:
+                try:
+                    subnets.append(ipaddress.ip_network(conf["Subnet"], strict=False))
+                except (KeyError, ValueError):
+                    pass
+        return subnets
+
+
+EMPTY_SNAPSHOT = Snapshot({}, {})
+WATCHED_EVENTS = {"create", "start", "restart", "die", "destroy", "rename", "pause", "unpause",
+                  "update", "connect", "disconnect"}
+
+
+class ContainerView:
+    """An in-memory copy of the engine's containers, kept current by its /events stream.
+
+    The original listed every container on every request; here a warm request
+    makes no Docker call, and a cold one (Docker just came back) one round.
+    """
+
+    RESYNC_SECONDS = 60.0
+    RETRY_SECONDS = 1.0
+
+    def __init__(self, docker: DockerClient):
+        self.docker = docker
+        self._snapshot = EMPTY_SNAPSHOT
+        self._synced = False
+        self._last_failure: tuple[float, ApiError] | None = None
+        self._sync_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+
+    @property
+    def reachable(self) -> bool:
+        return self._synced
+
+    def current(self) -> Snapshot:
+        """What is known now, without calling Docker (empty while Docker is unreachable)."""
+        return self._snapshot if self._synced else EMPTY_SNAPSHOT
+
+    def snapshot(self) -> Snapshot:
+        """The current view, synchronising first if Docker was unreachable."""
+        if not self._synced:
+            failure = self._last_failure
+            if failure and time.monotonic() - failure[0] < self.RETRY_SECONDS:
+                raise failure[1]
+            self.sync()
+        return self._snapshot
+
+    def sync(self) -> None:
+        """List and inspect every container, and list the networks: one round of calls."""
+        if not self._sync_lock.acquire(timeout=DOCKER_TIMEOUT):
+            raise self.docker.timeout_error()
+        try:
+            listed = self.docker.get("/containers/json", {"all": "1"})
+            containers = {}
+            for summary in listed:
+                try:
+                    containers[summary["Id"]] = self.docker.get(f"/containers/{summary['Id']}/json")
+                except LookupError:
+                    pass   # removed between list and inspect
+            networks = {n["Id"]: n for n in self.docker.get("/networks")}
+            with self._write_lock:
+                self._snapshot = Snapshot(containers, networks)
+                self._synced = True
+                self._last_failure = None
+        except ApiError as exc:
+            self._synced = False
+            self._last_failure = (time.monotonic(), exc)
+            raise
+        finally:
+            self._sync_lock.release()
+
+    def _refresh_container(self, container_id: str) -> None:
+        try:
+            data = self.docker.get(f"/containers/{container_id}/json")
+        except LookupError:
+            data = None
+        with self._write_lock:
+            containers = dict(self._snapshot.containers)
+            if data is None:
+                containers.pop(container_id, None)
+            else:
+                containers[container_id] = data
+            self._snapshot = Snapshot(containers, self._snapshot.networks)
+
+    def _refresh_networks(self) -> None:
+        networks = {n["Id"]: n for n in self.docker.get("/networks")}
+        with self._write_lock:
+            self._snapshot = Snapshot(self._snapshot.containers, networks)
+
+    def _apply(self, event: dict) -> None:
+        action = event.get("Action", "").split(":")[0]
+        actor = event.get("Actor") or {}
+        if event.get("Type") == "container" and action in WATCHED_EVENTS | {"health_status"}:
+            self._refresh_container(actor["ID"])
+        elif event.get("Type") == "network":
+            if action in ("connect", "disconnect") and (actor.get("Attributes") or {}).get("container"):
+                self._refresh_container(actor["Attributes"]["container"])
+            if action in ("create", "destroy", "remove"):
+                self._refresh_networks()
+
+    def start(self) -> None:
+        threading.Thread(target=self._watch, name="docker-events", daemon=True).start()
+
+    def _watch(self) -> None:
+        """Follow /events for ever: reconnect when the stream breaks, resync now and then."""
+        while True:
+            try:
+                events = self.docker.stream(
+                    "/events", {"filters": json.dumps({"type": ["container", "network"]})},
+                    read_timeout=self.RESYNC_SECONDS)
+                with contextlib.closing(events):
+                    self.sync()   # after the stream opened, so no change falls in between
+                    synced_at = time.monotonic()
+                    for event in events:
+                        self._apply(event)
+                        if time.monotonic() - synced_at > self.RESYNC_SECONDS:
+                            break
+            except (ApiError, LookupError) as exc:
+                # A quiet stream times out after RESYNC_SECONDS: that is just the next resync.
+                if not (isinstance(exc, ApiError) and exc.code == "DockerTimeout" and self._synced):
+                    self._synced = False
+                    log.debug("Docker events stream: %s", exc.message if isinstance(exc, ApiError) else exc)
+                    time.sleep(self.RETRY_SECONDS)
+            except Exception:   # never let the watcher die: metadata would go stale
+                log.exception("Docker events stream failed")
+                self._synced = False
+                time.sleep(self.RETRY_SECONDS)
+
+
+def container_name(container: dict) -> str:
+    return container.get("Name", "").lstrip("/")
+
+
+def labels_of(container: dict) -> dict[str, str]:
+    return (container.get("Config") or {}).get("Labels") or {}
+
+
+def container_ips(container: dict) -> dict[str, list[IPAddress]]:
+    """Network ID -> the container's addresses on it."""
+    result = {}
+    for endpoint in ((container.get("NetworkSettings") or {}).get("Networks") or {}).values():
+        addresses = []
+        for key in ("IPAddress", "GlobalIPv6Address"):
+            if endpoint.get(key):
+                addresses.append(ipaddress.ip_address(endpoint[key]))
+        result[endpoint.get("NetworkID", "")] = addresses
+    return result
+
+
+def own_container_candidates(config: Config) -> list[str]:
+    """What may name the container this server runs in, most explicit first."""
+    candidates = []
+    if config.own_container:
+        candidates.append(config.own_container)
+    if config.hostname and re.fullmatch(r"[0-9a-f]{12,64}", config.hostname):
+        candidates.append(config.hostname)
+    try:
+        # Docker bind-mounts /etc/hostname from .../containers/<id>/hostname.
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and fields[4] in ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf"):
+                    match = re.search(r"/containers/([0-9a-f]{64})/", fields[3])
+                    if match:
+                        candidates.append(match.group(1))
+                        break
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/cgroup", encoding="utf-8") as f:
+            match = re.search(r"(?:docker[-/])([0-9a-f]{64})", f.read())
+            if match:
+                candidates.append(match.group(1))
+    except OSError:
+        pass
+    return candidates
+
+
+def find_own_container(snapshot: Snapshot, candidates: list[str]) -> dict | None:
+    for candidate in candidates:
+        for container in snapshot.containers.values():
+            if container["Id"].startswith(candidate) or container_name(container) == candidate:
+                return container
+    return None
+
+
+def match_identifier(snapshot: Snapshot, identifier: str, exclude: str | None) -> list[dict]:
+    """Containers named by identifier; the first level with any match decides.
+
+    Levels: exact name or full ID; compose service; ID prefix; substring of a
+    name (the original's rule).  Only exact names reach stopped containers.
+    """
+    everyone = [c for c in snapshot.containers.values() if c["Id"] != exclude]
+    running = [c for c in everyone if c["State"].get("Running")]
+    levels: tuple[Callable[[dict], bool], ...] = (
+        lambda c: container_name(c) == identifier or c["Id"] == identifier,
+        lambda c: labels_of(c).get(COMPOSE_SERVICE) == identifier,
+        lambda c: c["Id"].startswith(identifier),
+        lambda c: identifier in container_name(c),
+    )
+    for level, test in enumerate(levels):
+        found = [c for c in (everyone if level == 0 else running) if test(c)]
+        if found:
+            return found
+    return []
+
+
+def match_ip(snapshot: Snapshot, caller: IPAddress, own: dict | None) -> list[dict]:
+    """Running containers with the caller's address, on the server's own networks if it has any."""
+    networks = set(container_ips(own)) if own else set()
+    found = []
+    for container in snapshot.running():
+        if own and container["Id"] == own["Id"]:
+            continue
+        for network_id, addresses in container_ips(container).items():
+            if (not networks or network_id in networks) and caller in addresses:
+                found.append(container)
+                break
+    return found
+
+
+def task_members(snapshot: Snapshot, caller: dict, own_id: str | None) -> list[dict]:
+    """The caller's "task": its compose project including exited containers, as ECS lists a
+    task's stopped containers; outside compose, the running containers outside compose."""
+    project = labels_of(caller).get(COMPOSE_PROJECT)
+    if project:
+        members = [c for c in snapshot.containers.values() if labels_of(c).get(COMPOSE_PROJECT) == project]
+    else:
+        members = [c for c in snapshot.running() if COMPOSE_PROJECT not in labels_of(c)]
+    members = [c for c in members if c["Id"] != own_id]
+    return sorted(members, key=lambda c: (c.get("Created", ""), container_name(c)))
+
+
+# ---------------------------------------------------------------------------
+# Credentials
+# ---------------------------------------------------------------------------
+
+CREDENTIALS_FRESH_SECONDS = 20 * 60     # reuse while more than this is left: clients get >= 15 min
+CREDENTIALS_AHEAD_SECONDS = 30 * 60     # refresh in the background once less than this is left
+ASSUME_ROLE_SECONDS = 3600
+ROLE_NAME = re.compile(r"[\w+=,.@-]{1,64}")
+ROLE_ARN = re.compile(r"arn:aws(?:-[a-z]+)*:iam::\d{12}:role/(?:[\x21-\x2e\x30-\x7e]+/){0,50}([\w+=,.@-]{1,64})")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    token: str = field(repr=False)
+    expiration: datetime
+    role_arn: str = ""
+
+    def seconds_left(self) -> float:
+        return (self.expiration - datetime.now(timezone.utc)).total_seconds()
+
+    def response(self) -> dict:
+        """The five keys, in the order the ECS agent writes them."""
+        return {
+            "RoleArn": self.role_arn,
+            "AccessKeyId": self.access_key_id,
+            "SecretAccessKey": self.secret_access_key,
+            "Token": self.token,
+            "Expiration": self.expiration.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+
+
+class MfaCodeRequired(Exception):
+    """A profile needs an MFA code and nobody is at a terminal to type it."""
+
+
+def aws_error(exc: Exception, action: str, profile: str | None) -> ApiError:
+    """Map what boto3 raised to our status and code; AWS's code and message are kept."""
+    profile_arg = f" --profile {profile}" if profile else ""
+    if isinstance(exc, MfaCodeRequired):
+        return ApiError(503, "MfaRequired",
+                        f"profile {profile or 'default'} needs an MFA code: start local-endpoints in a "
+                        "terminal (docker run -it / docker compose run) to type it once at start-up, "
+                        "or use a profile without mfa_serial")
+    if isinstance(exc, (botocore.exceptions.SSOError, botocore.exceptions.TokenRetrievalError)):
+        return ApiError(503, "SSOSessionExpired",
+                        f"the AWS SSO session has expired or was never started: run "
+                        f"`aws sso login{profile_arg}` on the host, then retry")
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return ApiError(503, "NoCredentials",
+                        "no AWS credentials found: mount your ~/.aws folder (at /home/.aws in the "
+                        "image) and set AWS_PROFILE, or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    if isinstance(exc, (botocore.exceptions.ProfileNotFound, botocore.exceptions.CredentialRetrievalError,
+                        botocore.exceptions.PartialCredentialsError, botocore.exceptions.InvalidConfigError)):
+        return ApiError(503, "NoCredentials", f"cannot load AWS credentials: {exc}")
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error = exc.response.get("Error", {})
+        code = error.get("Code", "Unknown")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        message = f"{action}: {code}: {error.get('Message', '')}"
+        if code == "NoSuchEntity":
+            return ApiError(404, "NoSuchRole", message)
+        if code in ("Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException"):
+            return ApiError(429, "Throttled", message)
+        if status >= 500:
+            return ApiError(502, "UpstreamUnavailable", message)
+        if status == 403 or code.startswith("AccessDenied"):
+            return ApiError(403, "AccessDenied", message)
+        return ApiError(502, "UpstreamError", message)
+    return ApiError(502, "UpstreamUnavailable", f"{action}: {exc.__class__.__name__}: {exc}")
+
+
+class AwsIdentity:
+    """The developer's identity from boto3's credential chain, and the STS/IAM clients on it."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self._botocore = botocore.session.Session()
+        self.profile = self._botocore.profile
+        self.session = boto3.Session(botocore_session=self._botocore)
+        self.region = self.session.region_name or "us-east-1"
+        self._interactive = False
+        self._clients: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        # botocore asks for MFA codes with getpass: that would hang a request.
+        resolver = self._botocore.get_component("credential_provider")
+        assume_role = resolver.get_provider("assume-role")
+        if assume_role is not None:
+            assume_role._prompter = self._prompt_mfa
+
+    def _prompt_mfa(self, prompt: str) -> str:
+        if self._interactive:
+            return getpass.getpass(prompt)
+        raise MfaCodeRequired(prompt)
+
+    def resolve_at_startup(self) -> str:
+        """Resolve credentials once, letting an MFA profile ask its code if a person is there."""
+        self._interactive = sys.stdin is not None and sys.stdin.isatty()
+        try:
+            source = self.source()
+        except Exception as exc:   # reported per request; start anyway
+            source = f"unavailable ({aws_error(exc, 'startup', self.profile).message})"
+        finally:
+            self._interactive = False
+        return source
+
+    def source(self) -> str:
+        credentials = self.session.get_credentials()
+        if credentials is None:
+            raise botocore.exceptions.NoCredentialsError()
+        credentials.get_frozen_credentials()
+        return credentials.method
+
+    def base(self) -> tuple[Any, datetime | None, str]:
+        """(frozen credentials, their expiry if the source knows it, source method)."""
+        credentials = self.session.get_credentials()
+        if credentials is None:
+            raise botocore.exceptions.NoCredentialsError()
+        frozen = credentials.get_frozen_credentials()
+        # Refreshable credentials (SSO, assume-role profiles, credential_process) know
+        # their expiry; botocore keeps it in a private attribute with no public getter.
+        expiry = getattr(credentials, "_expiry_time", None)
+        return frozen, expiry, credentials.method
+
+    def client(self, service: str) -> Any:
+        """One STS and one IAM client, made once credentials resolve (they may appear later)."""
+        with self._lock:
+            if service not in self._clients:
+                self.base()   # a client made without credentials would keep having none
+                endpoint = self.config.sts_endpoint if service == "sts" else self.config.iam_endpoint
+                self._clients[service] = self.session.client(
+                    service, region_name=self.region, endpoint_url=endpoint,
+                    config=botocore.config.Config(
+                        connect_timeout=0.5, read_timeout=1.5,
+                        retries={"total_max_attempts": 2, "mode": "standard"},
+                        user_agent_extra=f"local-endpoints/{VERSION}"))
+            return self._clients[service]
+
+
+class KeyedLocks:
+    """One lock per key, so concurrent requests for one identity make one AWS call."""
+
+    def __init__(self):
+        self._locks: dict[Any, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def __call__(self, key: Any) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+
+class CredentialVendor:
+    """Credentials for /creds and the role routes, cached per identity.
+
+    The original called STS (and IAM for /role) on every request.  Here an
+    entry obtained from STS is reused while it has more than 20 minutes left,
+    refreshed in the background from 30 minutes left, and served as it is if
+    STS fails while it is still valid.
+    """
+
+    def __init__(self, identity: AwsIdentity, config: Config):
+        self.identity = identity
+        self.config = config
+        self._cache: dict[str, Credentials] = {}
+        self._role_arns: dict[str, str] = {}
+        self._locks = KeyedLocks()
+
+    def _call(self, action: str, function: Callable[[], Any]) -> Any:
+        try:
+            return function()
+        except Exception as exc:
+            raise aws_error(exc, action, self.identity.profile) from None
+
+    def own(self) -> Credentials:
+        """/creds: GetSessionToken for long-term keys; temporary ones are passed through."""
+        frozen, expiry, method = self._call("LoadCredentials", self.identity.base)
+        if frozen.token:
+            expiration = expiry or (datetime.now(timezone.utc)
+                                    + timedelta(seconds=self.config.shared_token_expiration))
+            return Credentials(frozen.access_key, frozen.secret_key, frozen.token,
+                               expiration.replace(microsecond=0))
+        return self._cached("session:" + frozen.access_key, self._get_session_token)
+
+    def _get_session_token(self) -> Credentials:
+        reply = self.identity.client("sts").get_session_token(DurationSeconds=3600)["Credentials"]
+        return Credentials(reply["AccessKeyId"], reply["SecretAccessKey"], reply["SessionToken"],
+                           reply["Expiration"])
+
+    def role(self, name: str) -> Credentials:
+        """/role/{name}: GetRole (cached) for the ARN, then AssumeRole."""
+        if not ROLE_NAME.fullmatch(name):
+            raise ApiError(400, "InvalidRoleName",
+                           f"{name[:100]!r} is not an IAM role name (1-64 of letters, digits and +=,.@_-)")
+        arn = self._role_arns.get(name)
+        if arn is None:
+            with self._locks("role-name:" + name):
+                arn = self._role_arns.get(name)
+                if arn is None:
+                    reply = self._call("GetRole", lambda: self.identity.client("iam").get_role(RoleName=name))
+                    arn = self._role_arns[name] = reply["Role"]["Arn"]
+        return self._assume(arn)
+
+    def role_arn(self, arn: str) -> Credentials:
+        """/role-arn/{arn}: AssumeRole on the ARN as given (paths and partitions included)."""
+        if not ROLE_ARN.fullmatch(arn):
+            raise ApiError(400, "InvalidRoleArn",
+                           f"{arn[:200]!r} is not an IAM role ARN (arn:aws:iam::123456789012:role/NAME)")
+        return self._assume(arn)
+
+    def _assume(self, arn: str) -> Credentials:
+        name = arn.rsplit("/", 1)[-1]
+
+        def assume() -> Credentials:
+            reply = self.identity.client("sts").assume_role(
+                RoleArn=arn, RoleSessionName=f"ecs-local-{name}"[:64], DurationSeconds=ASSUME_ROLE_SECONDS)
+            c = reply["Credentials"]
+            return Credentials(c["AccessKeyId"], c["SecretAccessKey"], c["SessionToken"], c["Expiration"],
+                               role_arn=arn)
+        return self._cached("role:" + arn, assume)
+
+    def _cached(self, key: str, fetch: Callable[[], Credentials]) -> Credentials:
+        entry = self._cache.get(key)
+        if entry is not None and entry.seconds_left() > CREDENTIALS_FRESH_SECONDS:
+            if entry.seconds_left() < CREDENTIALS_AHEAD_SECONDS:
+                self._refresh_ahead(key, fetch)
+            return entry
+        with self._locks(key):
+            entry = self._cache.get(key)
+            if entry is not None and entry.seconds_left() > CREDENTIALS_FRESH_SECONDS:
+                return entry   # another request refreshed it while we waited
+            return self._fetch(key, fetch, entry)
+
+    def _fetch(self, key: str, fetch: Callable[[], Credentials], entry: Credentials | None) -> Credentials:
+        action = "AssumeRole" if key.startswith("role:") else "GetSessionToken"
+        try:
+            fresh = self._call(action, fetch)
+        except ApiError as exc:
+            if entry is not None and entry.seconds_left() > 0:
+                log.warning("%s failed (%s); serving cached credentials with %d s left",
+                            action, exc.message, entry.seconds_left())
+                return entry
+            raise
+        self._cache[key] = fresh
+        return fresh
+
+    def _refresh_ahead(self, key: str, fetch: Callable[[], Credentials]) -> None:
+        lock = self._locks(key)
+        if not lock.acquire(blocking=False):
+            return   # a refresh is already under way
+
+        def refresh() -> None:
+            try:
+                self._fetch(key, fetch, self._cache.get(key))
+            except ApiError:
+                pass   # _fetch logged it; the entry is still fresh
+            finally:
+                lock.release()
+        threading.Thread(target=refresh, name="refresh-" + key[:40], daemon=True).start()
+
+
+# ---------------------------------------------------------------------------
+# Metadata builders: pure functions from Docker's JSON to ECS's JSON
+# ---------------------------------------------------------------------------
+
+TASK_ID_NAMESPACE = uuid.UUID("4d7c1b0e-7a7e-4f41-9d38-0d4a7e2f3c10")
+ZERO_TIME = "0001-01-01T00:00:00Z"
+
+
+@dataclass(frozen=True)
+class TaskIdentity:
+    """The mocked values of one task, consistent with each other (region, account, IDs)."""
+    cluster: str
+    arn: str
+    family: str
+    revision: str
+    region: str
+    account: str
+    task_id: str
+    launch_type: str
+    availability_zone: str
+    service_name: str | None
+
+
+def task_identity(config: Config, project: str | None, service: str | None) -> TaskIdentity:
+    if config.task_arn:
+        arn = config.task_arn
+    elif project:
+        task_id = uuid.uuid5(TASK_ID_NAMESPACE, project)
+        arn = DEFAULT_TASK_ARN.rsplit("/", 2)[0] + f"/{cluster_name(config.cluster_arn)}/{task_id}"
+    else:
+        arn = DEFAULT_TASK_ARN
+    parts = arn.split(":")
+    region, account = (parts[3], parts[4]) if len(parts) > 5 else ("us-west-2", "111111111111")
+    return TaskIdentity(
+        cluster=config.cluster_arn,
+        arn=arn,
+        family=config.task_family or project or "ecs-local-task-definition",
+        revision=config.task_revision,
+        region=region,
+        account=account,
+        task_id=arn.rsplit("/", 1)[-1],
+        launch_type=config.launch_type,
+        availability_zone=config.availability_zone or f"{region}a",
+        service_name=service,
+    )
+
+
+def cluster_name(cluster: str) -> str:
+    return cluster.rsplit("/", 1)[-1] if cluster.startswith("arn:") else cluster
+
+
+def utc(timestamp: str | None) -> str | None:
+    """Docker's RFC 3339 time in UTC with a Z, or None for Docker's zero time."""
+    if not timestamp or timestamp.startswith("0001-01-01"):
+        return None
+    if timestamp.endswith("Z"):
+        return timestamp
+    moment = datetime.fromisoformat(timestamp).astimezone(timezone.utc)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def known_status(state: dict) -> str:
+    status = state.get("Status", "")
+    if status == "created":
+        return "CREATED"
+    if status in ("running", "paused", "restarting"):
+        return "RUNNING"
+    return "STOPPED"
+
+
+def container_limits(host_config: dict) -> dict:
+    """CPU in CPU units (1024 per vCPU) and memory in MiB, as ECS reports them."""
+    nano = host_config.get("NanoCpus") or 0
+    cpu = round(nano * 1024 / 1e9) if nano else host_config.get("CpuShares") or 0
+    return {"CPU": cpu, "Memory": (host_config.get("Memory") or 0) // (1024 * 1024)}
+
+
+def ports_of(container: dict, version: int) -> list[dict]:
+    ports = []
+    for spec, bindings in sorted(((container.get("NetworkSettings") or {}).get("Ports") or {}).items()):
+        number, _, protocol = spec.partition("/")
+        for binding in bindings or []:
+            port = {"ContainerPort": int(number), "Protocol": protocol or "tcp",
+                    "HostPort": int(binding.get("HostPort") or 0)}
+            if version >= 4:
+                port["HostIp"] = binding.get("HostIp", "")
+            ports.append(port)
+    return ports
+
+
+def networks_of(container: dict, version: int) -> list[dict]:
+    config = container.get("Config") or {}
+    host_config = container.get("HostConfig") or {}
+    result = []
+    endpoints = ((container.get("NetworkSettings") or {}).get("Networks") or {})
+    for index, (name, endpoint) in enumerate(sorted(endpoints.items())):
+        entry: dict[str, Any] = {"NetworkMode": name}
+        if endpoint.get("IPAddress"):
+            entry["IPv4Addresses"] = [endpoint["IPAddress"]]
+        if endpoint.get("GlobalIPv6Address"):
+            entry["IPv6Addresses"] = [endpoint["GlobalIPv6Address"]]
+        if version >= 4:
+            entry["AttachmentIndex"] = index
+            if endpoint.get("MacAddress"):
+                entry["MACAddress"] = endpoint["MacAddress"]
+            if endpoint.get("IPAddress") and endpoint.get("IPPrefixLen"):
+                prefix = endpoint["IPPrefixLen"]
+                entry["IPv4SubnetCIDRBlock"] = str(ipaddress.ip_interface(
+                    f"{endpoint['IPAddress']}/{prefix}").network)
+                if endpoint.get("Gateway"):
+                    entry["SubnetGatewayIpv4Address"] = f"{endpoint['Gateway']}/{prefix}"
+            if endpoint.get("GlobalIPv6Address") and endpoint.get("GlobalIPv6PrefixLen"):
+                entry["IPv6SubnetCIDRBlock"] = str(ipaddress.ip_interface(
+                    f"{endpoint['GlobalIPv6Address']}/{endpoint['GlobalIPv6PrefixLen']}").network)
+            # User-defined networks resolve through Docker's embedded DNS server.
+            dns = host_config.get("Dns") or ([] if name in ("bridge", "host", "none") else ["127.0.0.11"])
+            if dns:
+                entry["DomainNameServers"] = list(dns)
+            if host_config.get("DnsSearch"):
+                entry["DomainNameSearchList"] = list(host_config["DnsSearch"])
+            hostname = config.get("Hostname", "")
+            if hostname:
+                entry["PrivateDNSName"] = hostname + (f".{config['Domainname']}" if config.get("Domainname")
+                                                      else "")
+        result.append(entry)
+    return result
+
+
+def health_of(state: dict) -> dict | None:
+    health = state.get("Health")
+    if not health:
+        return None
+    status = {"healthy": "HEALTHY", "unhealthy": "UNHEALTHY"}.get(health.get("Status", ""), "UNKNOWN")
+    result: dict[str, Any] = {"status": status}
+    checks = health.get("Log") or []
+    if checks:
+        last = checks[-1]
+        result["statusSince"] = utc(last.get("End") or last.get("Start"))
+        result["exitCode"] = last.get("ExitCode")
+        result["output"] = last.get("Output", "")
+    return result
+
+
+def container_arn(task: TaskIdentity, container_id: str) -> str:
+    return (f"arn:aws:ecs:{task.region}:{task.account}:container/{cluster_name(task.cluster)}/"
+            f"{task.task_id}/{uuid.uuid5(TASK_ID_NAMESPACE, container_id)}")
+
+
+def container_metadata(container: dict, version: int, task: TaskIdentity) -> dict:
+    """One container the way the ECS agent describes it (v2/v3 shape, v4 additions)."""
+    state = container.get("State") or {}
+    config = container.get("Config") or {}
+    host_config = container.get("HostConfig") or {}
+    labels = config.get("Labels") or {}
+    status = known_status(state)
+    doc: dict[str, Any] = {
+        "DockerId": container["Id"],
+        "Name": labels.get(COMPOSE_SERVICE) or container_name(container),
+        "DockerName": container_name(container),
+        "Image": config.get("Image", ""),
+        "ImageID": container.get("Image", ""),
+    }
+    ports = ports_of(container, version)
+    if ports:
+        doc["Ports"] = ports
+    doc["Labels"] = labels
+    doc["DesiredStatus"] = "STOPPED" if status == "STOPPED" else "RUNNING"
+    doc["KnownStatus"] = status
+    if status == "STOPPED":
+        doc["ExitCode"] = state.get("ExitCode", 0)
+    doc["Limits"] = container_limits(host_config)
+    for key, value in (("CreatedAt", utc(container.get("Created"))), ("StartedAt", utc(state.get("StartedAt"))),
+                       ("FinishedAt", utc(state.get("FinishedAt")) if status == "STOPPED" else None)):
+        if value:
+            doc[key] = value
+    doc["Type"] = "NORMAL"
+    health = health_of(state)
+    if health:
+        doc["Health"] = health
+    volumes = [{k: v for k, v in (("DockerName", m.get("Name")), ("Source", m.get("Source")),
+                                  ("Destination", m.get("Destination"))) if v}
+               for m in container.get("Mounts") or []]
+    if volumes:
+        doc["Volumes"] = volumes
+    if version >= 4:
+        doc["ContainerARN"] = container_arn(task, container["Id"])
+        log_config = host_config.get("LogConfig") or {}
+        doc["LogDriver"] = log_config.get("Type", "")
+        doc["LogOptions"] = log_config.get("Config") or {}
+        doc["RestartCount"] = container.get("RestartCount", 0)
+    doc["Networks"] = networks_of(container, version)
+    return doc
+
+
+def task_metadata(members: list[dict], version: int, task: TaskIdentity, config: Config,
+                  with_tags: bool, containers: list[dict]) -> dict:
+    """The task object; containers are the already-built container documents of members."""
+    running = any(c["State"].get("Running") for c in members)
+    doc: dict[str, Any] = {
+        "Cluster": task.cluster,
+        "TaskARN": task.arn,
+        "Family": task.family,
+        "Revision": task.revision,
+        "DesiredStatus": "RUNNING",
+        "KnownStatus": "RUNNING" if running else "STOPPED",
+        "Containers": containers,
+    }
+    limits = [container_limits(c.get("HostConfig") or {}) for c in members]
+    cpu = sum(limit["CPU"] for limit in limits)
+    memory = sum(limit["Memory"] for limit in limits)
+    task_limits = {k: v for k, v in (("CPU", cpu / 1024), ("Memory", memory)) if v}
+    if task_limits:
+        doc["Limits"] = task_limits
+    doc["AvailabilityZone"] = task.availability_zone
+    if with_tags:
+        doc["TaskTags"] = dict(config.task_tags)
+        doc["ContainerInstanceTags"] = dict(config.container_instance_tags)
+    if version >= 4:
+        doc["LaunchType"] = task.launch_type
+        if task.service_name:
+            doc["ServiceName"] = task.service_name
+    return doc
+
+
+# ---------------------------------------------------------------------------
+# Stats: one streaming collector per container, as the ECS agent keeps
+# ---------------------------------------------------------------------------
+
+STATS_WAIT_SECONDS = 2.5
+
+
+def parse_docker_time(text: str | None) -> datetime | None:
+    if not text or text.startswith("0001-01-01"):
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None
+
+
+def network_rates(latest: dict, previous: dict | None) -> dict:
+    """Bytes per second received and sent between two consecutive samples."""
+    rates = {"rx_bytes_per_sec": 0.0, "tx_bytes_per_sec": 0.0}
+    now, before = parse_docker_time(latest.get("read")), parse_docker_time((previous or {}).get("read"))
+    if not previous or not now or not before or now <= before:
+        return rates
+    seconds = (now - before).total_seconds()
+    for key, rate in (("rx_bytes", "rx_bytes_per_sec"), ("tx_bytes", "tx_bytes_per_sec")):
+        delta = (sum(n.get(key, 0) for n in (latest.get("networks") or {}).values())
+                 - sum(n.get(key, 0) for n in (previous.get("networks") or {}).values()))
+        rates[rate] = max(delta, 0) / seconds
+    return rates
+
+
+class StatsCollector:
+    """Reads one container's streaming stats; keeps the latest sample and the one before."""
+
+    def __init__(self, docker: DockerClient, container_id: str, on_end: Callable[[StatsCollector], None]):
+        self.container_id = container_id
+        self._docker = docker
+        self._on_end = on_end
+        self._samples: tuple[dict, ...] = ()
+        self._done = False
+        self._changed = threading.Condition()
+        threading.Thread(target=self._run, name=f"stats-{container_id[:12]}", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            for frame in self._docker.stream(f"/containers/{self.container_id}/stats", {"stream": "1"},
+                                             read_timeout=DOCKER_TIMEOUT):
+                with self._changed:
+                    self._samples = (self._samples[-1:] + (frame,))
+                    self._changed.notify_all()
+                if not parse_docker_time(frame.get("read")):
+                    break   # Docker streams zero samples for a stopped container
+        except (ApiError, LookupError) as exc:
+            log.debug("stats stream of %s ended: %s", self.container_id[:12], exc)
+        except Exception:
+            log.exception("stats stream of %s failed", self.container_id[:12])
+        finally:
+            with self._changed:
+                self._done = True
+                self._changed.notify_all()
+            self._on_end(self)
+
+    def sample(self, deadline: float) -> tuple[dict, dict | None] | None:
+        """(latest, previous) once the latest carries a real precpu_stats; None by the deadline."""
+        with self._changed:
+            while not self._done and not self._ready():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._changed.wait(remaining)
+            if not self._ready():
+                return None
+            latest = self._samples[-1]
+            return latest, (self._samples[-2] if len(self._samples) > 1 else None)
+
+    def _ready(self) -> bool:
+        # Docker's first streamed frame has an empty precpu_stats.
+        return bool(self._samples) and bool(parse_docker_time(self._samples[-1].get("preread")))
+
+
+class StatsHub:
+    """The collectors of running containers: started when first asked about, gone when they stop."""
+
+    def __init__(self, docker: DockerClient):
+        self._docker = docker
+        self._collectors: dict[str, StatsCollector] = {}
+        self._lock = threading.Lock()
+
+    def _collector(self, container_id: str) -> StatsCollector:
+        with self._lock:
+            collector = self._collectors.get(container_id)
+            if collector is None:
+                collector = self._collectors[container_id] = StatsCollector(
+                    self._docker, container_id, self._forget)
+            return collector
+
+    def _forget(self, collector: StatsCollector) -> None:
+        with self._lock:
+            if self._collectors.get(collector.container_id) is collector:
+                del self._collectors[collector.container_id]
+
+    def active(self) -> int:
+        return len(self._collectors)
+
+    def samples(self, container_ids: list[str]) -> dict[str, tuple[dict, dict | None] | None]:
+        """Latest samples of several containers, waiting for all of them together."""
+        deadline = time.monotonic() + STATS_WAIT_SECONDS
+        collectors = {cid: self._collector(cid) for cid in container_ids}
+        return {cid: collector.sample(deadline) for cid, collector in collectors.items()}
+
+
+def stats_document(sample: tuple[dict, dict | None], version: int) -> dict:
+    latest, previous = sample
+    doc = dict(latest)
+    if version >= 4:
+        doc["network_rate_stats"] = network_rates(latest, previous)
+    return doc
+
+
+# ---------------------------------------------------------------------------
+# Who may ask for credentials
+# ---------------------------------------------------------------------------
+
+ALWAYS_ALLOWED = tuple(ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10"))
+
+
+def plain_ip(address: str) -> IPAddress:
+    """The caller's address, with IPv4-mapped IPv6 (::ffff:a.b.c.d) compared as IPv4."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    return ip
+
+
+class CallerPolicy:
+    """The allowlist of caller networks and the optional authorization token."""
+
+    def __init__(self, config: Config, view: ContainerView):
+        self._explicit = config.allowed_callers
+        self._token = config.authorization_token
+        self._view = view
+
+    def allowed_networks(self) -> tuple[IPNetwork, ...]:
+        if self._explicit is not None:
+            return self._explicit
+        return ALWAYS_ALLOWED + tuple(self._view.current().bridge_subnets())
+
+    def check(self, caller: IPAddress, authorization: str | None) -> None:
+        if not any(caller in network for network in self.allowed_networks()):
+            log.warning("refused credentials to %s: not in the allowed callers", caller)
+            raise ApiError(403, "CallerNotAllowed",
+                           f"{caller} may not fetch credentials: allowed are loopback, link-local and the "
+                           "Docker bridge networks; set ECS_LOCAL_ALLOWED_CALLERS (comma-separated CIDRs) "
+                           "to change that")
+        if self._token is not None and not hmac.compare_digest(
+                (authorization or "").encode("utf-8", "surrogateescape"), self._token.encode("utf-8")):
+            raise ApiError(401, "Unauthorized",
+                           "missing or wrong Authorization header: set AWS_CONTAINER_AUTHORIZATION_TOKEN in "
+                           "the container to the server's ECS_LOCAL_AUTHORIZATION_TOKEN")
+
+
+# ---------------------------------------------------------------------------
+# The route table and its handlers
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    params: dict[str, str]
+    caller: IPAddress
+    authorization: str | None
+
+
+class Endpoints:
+    """The handlers: one small method per route, each returning a JSON-able body."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.identity = AwsIdentity(config)
+        self.vendor = CredentialVendor(self.identity, config)
+        self.docker = DockerClient(config.docker_host)
+        self.view = ContainerView(self.docker)
+        self.stats = StatsHub(self.docker)
+        self.policy = CallerPolicy(config, self.view)
+        self.container_override = JsonOverride(config.container_metadata_path)
+        self.task_override = JsonOverride(config.task_metadata_path)
+        self._own_candidates = own_container_candidates(config)
+
+    # -- credentials ---------------------------------------------------------
+
+    def creds(self, request: Request) -> dict:
+        return self.vendor.own().response()
+
+    def role(self, request: Request) -> dict:
+        return self.vendor.role(request.params["name"]).response()
+
+    def role_arn(self, request: Request) -> dict:
+        return self.vendor.role_arn(request.params["arn"]).response()
+
+    # -- health --------------------------------------------------------------
+
+    def health(self, request: Request) -> dict:
+        """Always 200 while serving; says whether Docker and credentials work (no secrets)."""
+        docker = {"reachable": self.view.reachable, "socket": self.docker.host,
+                  "apiVersion": self.docker.api_version}
+        try:
+            credentials = {"resolved": True, "source": self.identity.source()}
+        except Exception as exc:
+            credentials = {"resolved": False, "error": aws_error(exc, "health", self.identity.profile).code}
+        return {"status": "ok", "version": VERSION, "docker": docker, "credentials": credentials}
+
+    # -- metadata ------------------------------------------------------------
+
+    def _caller(self, snapshot: Snapshot, request: Request) -> tuple[dict, str | None]:
+        """The container a request is about, and the server's own container ID."""
+        own = find_own_container(snapshot, self._own_candidates)
+        own_id = own["Id"] if own else None
+        identifier = request.params.get("ident")
+        if identifier:
+            found = match_identifier(snapshot, identifier, own_id)
+        else:
+            found = match_ip(snapshot, request.caller, own)
+        if not found:
+            raise ApiError(404, "ContainerNotFound",
+                           f"no container matches {identifier!r}" if identifier else
+                           f"no running container has the caller's address {request.caller}: name the "
+                           "container in the URI, e.g. /v4/{container name}")
+        if len(found) > 1:
+            names = ", ".join(sorted(container_name(c) for c in found)[:10])
+            raise ApiError(404, "AmbiguousContainer",
+                           f"{len(found)} containers match {identifier or request.caller} ({names}): "
+                           "name one exactly, e.g. /v4/{container name}")
+        return found[0], own_id
+
+    def _task_identity(self, caller: dict) -> TaskIdentity:
+        labels = labels_of(caller)
+        return task_identity(self.config, labels.get(COMPOSE_PROJECT), labels.get(COMPOSE_SERVICE))
+
+    def _container_doc(self, container: dict, version: int, task: TaskIdentity) -> dict:
+        return deep_merge(container_metadata(container, version, task), self.container_override.current())
+
+    def container(self, request: Request) -> dict:
+        snapshot = self.view.snapshot()
+        caller, _ = self._caller(snapshot, request)
+        return self._container_doc(caller, int(request.params["version"]), self._task_identity(caller))
+
+    def task(self, request: Request) -> dict:
+        return self._task(request, with_tags=False)
+
+    def task_with_tags(self, request: Request) -> dict:
+        return self._task(request, with_tags=True)
+
+    def _task(self, request: Request, with_tags: bool) -> dict:
+        version = int(request.params["version"])
+        snapshot = self.view.snapshot()
+        caller, own_id = self._caller(snapshot, request)
+        task = self._task_identity(caller)
+        members = task_members(snapshot, caller, own_id)
+        containers = [self._container_doc(c, version, task) for c in members]
+        doc = task_metadata(members, version, task, self.config, with_tags, containers)
+        return deep_merge(doc, self.task_override.current())
+
+    def container_stats(self, request: Request) -> dict:
+        snapshot = self.view.snapshot()
+        caller, _ = self._caller(snapshot, request)
+        if not caller["State"].get("Running"):
+            raise ApiError(503, "StatsUnavailable", f"container {container_name(caller)} is not running")
+        sample = self.stats.samples([caller["Id"]])[caller["Id"]]
+        if sample is None:
+            raise ApiError(503, "StatsUnavailable",
+                           f"Docker sent no stats for {container_name(caller)} within {STATS_WAIT_SECONDS} s")
+        return stats_document(sample, int(request.params["version"]))
+
+    def task_stats(self, request: Request) -> dict:
+        """Full Docker ID -> stats for the task's containers; null (v2/v3) or {} (v4) when unavailable."""
+        version = int(request.params["version"])
+        snapshot = self.view.snapshot()
+        caller, own_id = self._caller(snapshot, request)
+        members = task_members(snapshot, caller, own_id)
+        samples = self.stats.samples([c["Id"] for c in members if c["State"].get("Running")])
+        empty = {} if version >= 4 else None
+        return {c["Id"]: stats_document(samples[c["Id"]], version) if samples.get(c["Id"]) else empty
+                for c in members}
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    pattern: re.Pattern
+    handler: Callable[[Endpoints, Request], Any]
+    guarded: bool = False   # hands out credentials: CallerPolicy applies
+
+
+def route(method: str, pattern: str, handler: Callable[[Endpoints, Request], Any], guarded: bool = False
+          ) -> Route:
+    return Route(method, re.compile(pattern), handler, guarded)
+
+
+# v3/v4 base: /vN, /vN/containers/{ident} (the original's form) or /vN/{ident} (ECS's form).
+_META = r"/v(?P<version>[34])(?:(?:/containers)?/(?P<ident>(?!(?:task|taskWithTags|stats|containers)$)[^/]+))?"
+
+ROUTES: tuple[Route, ...] = (
+    route("GET", r"/creds", Endpoints.creds, guarded=True),
+    route("GET", r"/role/(?P<name>[^/]+)", Endpoints.role, guarded=True),
+    route("GET", r"/role-arn/(?P<arn>.+)", Endpoints.role_arn, guarded=True),
+    route("GET", r"/health", Endpoints.health),
+    route("GET", r"/v(?P<version>2)/metadata", Endpoints.task),
+    route("GET", r"/v(?P<version>2)/metadataWithTags", Endpoints.task_with_tags),
+    route("GET", r"/v(?P<version>2)/metadata/(?P<ident>[^/]+)", Endpoints.container),
+    route("GET", r"/v(?P<version>2)/stats", Endpoints.task_stats),
+    route("GET", r"/v(?P<version>2)/stats/(?P<ident>[^/]+)", Endpoints.container_stats),
+    route("GET", _META, Endpoints.container),
+    route("GET", _META + r"/task", Endpoints.task),
+    route("GET", _META + r"/taskWithTags", Endpoints.task_with_tags),
+    route("GET", _META + r"/stats", Endpoints.container_stats),
+    route("GET", _META + r"/task/stats", Endpoints.task_stats),
+)
+
+
+def normalize_path(target: str) -> str:
+    """The request path percent-decoded once, without query, duplicate or trailing slashes."""
+    path = unquote(target.split("?", 1)[0].split("#", 1)[0], errors="replace")
+    path = re.sub(r"/{2,}", "/", path)
+    return path.rstrip("/") or "/"
+
+
+def resolve(method: str, path: str) -> tuple[Route, dict[str, str]]:
+    """The route for a request, or 404 / 405 (with Allow) as ApiError."""
+    allowed = set()
+    for candidate in ROUTES:
+        match = candidate.pattern.fullmatch(path)
+        if match:
+            if method in (candidate.method, "HEAD" if candidate.method == "GET" else None):
+                return candidate, {k: v for k, v in match.groupdict().items() if v is not None}
+            allowed.add(candidate.method)
+    if allowed:
+        allow = ", ".join(sorted(allowed | ({"HEAD"} if "GET" in allowed else set())))
+        raise ApiError(405, "MethodNotAllowed", f"{method} is not allowed here; use {allow}", {"Allow": allow})
+    raise ApiError(404, "NotFound", f"no such route: {printable(path, 200)}")
+
+
+# ---------------------------------------------------------------------------
+# The HTTP handler
+# ---------------------------------------------------------------------------
+
+IDLE_TIMEOUT = 5.0
+
+
+def printable(text: str, limit: int) -> str:
+    """Text safe for a log line or message: control characters escaped, length cut."""
+    text = text[:limit]
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def error_phrase(status: int) -> str:
+    return HTTPStatus(status).phrase.replace(" ", "").replace("-", "")
+
+
+class RequestHandler(BaseHTTPRequestHandler):
+    """One connection: HTTP/1.1 keep-alive, JSON everywhere, one access-log line per request."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"local-endpoints/{VERSION}"
+    sys_version = ""
+    timeout = IDLE_TIMEOUT            # idle keep-alive and slow clients, as the agent's 5 s
+    disable_nagle_algorithm = True    # no 40 ms Nagle + delayed-ACK stall on keep-alive
+    wbufsize = 64 * 1024              # headers and body leave in one write
+    server: EndpointsServer
+
+    def handle_one_request(self) -> None:
+        """BaseHTTPRequestHandler's loop step, routing every method through one table."""
+        self._started = time.monotonic()
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self.requestline, self.request_version, self.command = "", "HTTP/1.1", None
+                self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+                return
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            if not self.parse_request():
+                return
+            self.dispatch()
+            self.wfile.flush()
+        except (TimeoutError, ConnectionError) as exc:
+            log.debug("connection from %s closed: %s", self.client_address[0], exc.__class__.__name__)
+            self.close_connection = True
+
+    def dispatch(self) -> None:
+        endpoints = self.server.endpoints
+        path = normalize_path(self.path)
+        status, body, headers = 200, None, {}
+        try:
+            if self.headers.get("Content-Length", "0").strip() not in ("", "0") or \
+                    "Transfer-Encoding" in self.headers:
+                self.close_connection = True   # the body is left unread
+                raise ApiError(413, "RequestBodyNotAccepted", "these routes take no request body")
+            chosen, params = resolve(self.command, path)
+            request = Request(self.command, path, params, plain_ip(self.client_address[0]),
+                              self.headers.get("Authorization"))
+            if chosen.guarded:
+                endpoints.policy.check(request.caller, request.authorization)
+            body = chosen.handler(endpoints, request)
+        except ApiError as exc:
+            status, body, headers = exc.status, exc.body(), exc.headers
+        except Exception:
+            log.exception("error in %s %s", self.command, printable(path, 200))
+            error = ApiError(500, "InternalError", "internal error in local-endpoints; see its log")
+            status, body = error.status, error.body()
+        self.respond(status, body, headers)
+
+    def respond(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        payload = json.dumps(body).encode()
+        self.send_response_only(status)
+        self.send_header("Server", self.server_version)
+        self.send_header("Date", self.date_time_string())
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+        self.log_access(status)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (400, 414, 431, 501, 505) as our JSON body, not HTML."""
+        self.close_connection = True
+        status = int(code)
+        self.respond(status, {"code": error_phrase(status), "message": message or HTTPStatus(status).phrase,
+                              "HTTPErrorCode": status})
+
+    def log_access(self, status: int) -> None:
+        # Only method, path (no query), status, time and address: never headers.
+        path = printable((getattr(self, "path", "") or "").split("?", 1)[0], 300)
+        log.info("%s %s %d %.1fms %s", self.command or "-", path or "-", status,
+                 (time.monotonic() - self._started) * 1000, plain_ip(self.client_address[0]))
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http.server: " + format, *args)
+
+
+class EndpointsServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with dual-stack '::', a bound on connections, and quiet disconnects."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], endpoints: Endpoints, max_connections: int):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.endpoints = endpoints
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, RequestHandler)
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        # Not HTTPServer.server_bind: its getfqdn() can wait on DNS for seconds.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request: socket.socket) -> None:
+        """Too many connections: a quick 503 from the accepting thread, no new thread."""
+        body = json.dumps(ApiError(503, "TooManyConnections", "too many open connections; retry").body())
+        try:
+            request.settimeout(0.2)
+            request.sendall((f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}").encode())
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            log.debug("connection from %s: %s", client_address[0], exc.__class__.__name__)
+        else:
+            log.exception("unexpected error serving %s", client_address[0])
+
+
+# ---------------------------------------------------------------------------
+# main()
+# ---------------------------------------------------------------------------
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # botocore's DEBUG log prints STS replies, secret keys included: never below WARNING.
+    for noisy in ("botocore", "boto3", "urllib3", "requests", "s3transfer"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.generate_token:
+        print(secrets.token_urlsafe(32))
+        return 0
+    try:
+        config = load_config(args, dict(os.environ))
+        configure_logging(config.log_level)
+        endpoints = Endpoints(config)
+    except ConfigError as exc:
+        print(f"local-endpoints: {exc}", file=sys.stderr)
+        return 2
+    try:
+        server = EndpointsServer((config.bind, config.port), endpoints, config.max_connections)
+    except OSError as exc:
+        hint = ""
+        if exc.errno == errno.EACCES and config.port < 1024:
+            hint = " (ports below 1024 need root; try --port 8080)"
+        elif exc.errno == errno.EADDRINUSE:
+            hint = " (another process listens there; try another --port)"
+        print(f"local-endpoints: cannot listen on {config.bind} port {config.port}: {exc.strerror}{hint}",
+              file=sys.stderr)
+        return 1
+
+    source = endpoints.identity.resolve_at_startup()
+    log.info("local-endpoints %s on %s port %d; credentials: %s, region %s, STS %s, IAM %s; Docker %s",
+             VERSION, config.bind, server.server_port, source, endpoints.identity.region,
+             config.sts_endpoint or "default", config.iam_endpoint or "default", config.docker_host)
+    endpoints.view.start()
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http",
+                     daemon=True).start()
+    while not stop.wait(0.5):
+        pass
+    log.info("stopping")
+    server.shutdown()
+    server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
