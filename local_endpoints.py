@@ -232,6 +232,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def log_level(args: argparse.Namespace, environ: dict[str, str]) -> str:
+    return args.log_level or (environ.get("ECS_LOCAL_LOG_LEVEL") or "INFO").upper()
+
+
 def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     """Settings from the command line, then the environment, then defaults."""
     try:
@@ -251,7 +255,7 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     return Config(
         port=port,
         bind=args.bind or environ.get("ECS_LOCAL_BIND_ADDRESS") or "0.0.0.0",
-        log_level=args.log_level or (environ.get("ECS_LOCAL_LOG_LEVEL") or "INFO").upper(),
+        log_level=log_level(args, environ),
         shared_token_expiration=expiration,
         sts_endpoint=with_scheme(first_env(environ, "STS_ENDPOINT", "STS_CUSTOM_ENDPOINT",
                                            "AWS_ENDPOINT_URL_STS", "AWS_ENDPOINT_URL")),
@@ -758,9 +762,10 @@ class MfaCodeRequired(Exception):
 def aws_error(exc: Exception, action: str, profile: str | None) -> ApiError:
     """Map what boto3 raised to our status and code; AWS's code and message are kept."""
     profile_arg = f" --profile {profile}" if profile else ""
-    if isinstance(exc, MfaCodeRequired):
+    if isinstance(exc, (MfaCodeRequired, botocore.exceptions.RefreshWithMFAUnsupportedError)):
+        # botocore asks for a code once per process; after that only a restart can ask again.
         return ApiError(503, "MfaRequired",
-                        f"profile {profile or 'default'} needs an MFA code: start local-endpoints in a "
+                        f"profile {profile or 'default'} needs an MFA code: restart local-endpoints in a "
                         "terminal (docker run -it / docker compose run) to type it once at start-up, "
                         "or use a profile without mfa_serial")
     if isinstance(exc, (botocore.exceptions.SSOError, botocore.exceptions.TokenRetrievalError)):
@@ -798,8 +803,11 @@ class AwsIdentity:
         self.config = config
         self._botocore = botocore.session.Session()
         self.profile = self._botocore.profile
+        if not self._botocore.get_config_variable("region"):
+            # Also for the STS clients botocore makes itself (assume-role profiles).
+            self._botocore.set_config_variable("region", "us-east-1")
         self.session = boto3.Session(botocore_session=self._botocore)
-        self.region = self.session.region_name or "us-east-1"
+        self.region = self.session.region_name
         self._interactive = False
         self._clients: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -1502,7 +1510,7 @@ def route(method: str, pattern: str, handler: Callable[[Endpoints, Request], Any
 
 
 # v3/v4 base: /vN, /vN/containers/{ident} (the original's form) or /vN/{ident} (ECS's form).
-_META = r"/v(?P<version>[34])(?:(?:/containers)?/(?P<ident>(?!(?:task|taskWithTags|stats|containers)$)[^/]+))?"
+_META = r"/v(?P<version>[34])(?:(?:/containers)?/(?P<ident>(?!(?:task|taskWithTags|stats|containers)(?:/|$))[^/]+))?"
 
 ROUTES: tuple[Route, ...] = (
     route("GET", r"/creds", Endpoints.creds, guarded=True),
@@ -1719,9 +1727,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.generate_token:
         print(secrets.token_urlsafe(32))
         return 0
+    configure_logging(log_level(args, dict(os.environ)))   # before load_config: it may warn
     try:
         config = load_config(args, dict(os.environ))
-        configure_logging(config.log_level)
         endpoints = Endpoints(config)
     except ConfigError as exc:
         print(f"local-endpoints: {exc}", file=sys.stderr)

@@ -1,0 +1,609 @@
+"""Tests of the server and its credentials routes (issue: the foundation).
+
+STS and IAM are a real moto_server behind a counting proxy (conftest.py); the
+server under test is a real ``local_endpoints.py`` process reached over TCP;
+the clients are botocore's container credential provider and the AWS CLI.
+A small fake STS appears only for answers moto cannot give on demand
+(AccessDenied, throttling, 5xx), and says so where it is used.
+
+Pure functions (routing, durations, error mapping, the cache) are also tested
+directly, without processes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import botocore.credentials
+import botocore.exceptions
+import botocore.session
+import pytest
+
+import local_endpoints as le
+from conftest import REPO_ROOT, free_port
+
+EXPIRATION = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+CRED_KEYS = ["RoleArn", "AccessKeyId", "SecretAccessKey", "Token", "Expiration"]
+
+
+def body(response) -> dict:
+    status, headers, raw = response
+    return json.loads(raw)
+
+
+def expires_in(credentials: dict) -> float:
+    moment = datetime.strptime(credentials["Expiration"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    return (moment - datetime.now(timezone.utc)).total_seconds()
+
+
+def assert_error(response, status: int, code: str) -> dict:
+    got_status, headers, raw = response
+    assert got_status == status, raw
+    assert headers.get("Content-Type") == "application/json"
+    doc = json.loads(raw)
+    assert doc["code"] == code and doc["HTTPErrorCode"] == status and doc["message"], doc
+    return doc
+
+
+@pytest.fixture
+def aws_server(start_server, moto, secrets):
+    """A server whose base identity is long-term keys, with STS and IAM at moto."""
+    def start(env=None, args=()):
+        full = {**moto.env, "STS_ENDPOINT": moto.url, "IAM_ENDPOINT": moto.url, **(env or {})}
+        return start_server(env=full, args=args)
+    moto.reset_counts()
+    return start
+
+
+def vended(server, path, secrets) -> dict:
+    response = server.get(path)
+    assert response[0] == 200, response[2]
+    credentials = body(response)
+    secrets.add(credentials["SecretAccessKey"], "secret access key")
+    secrets.add(credentials["Token"], "session token")
+    return credentials
+
+
+def sts_identity(moto, credentials: dict) -> dict:
+    """A real STS call (to moto) made with vended credentials."""
+    import boto3
+    client = boto3.client("sts", region_name="us-east-1", endpoint_url=moto.moto_url,
+                          aws_access_key_id=credentials["AccessKeyId"],
+                          aws_secret_access_key=credentials["SecretAccessKey"],
+                          aws_session_token=credentials["Token"])
+    return client.get_caller_identity()
+
+
+# ---------------------------------------------------------------------------
+# The server: command line, routing, errors, shutdown
+# ---------------------------------------------------------------------------
+
+def run_cli(*args, env=None, timeout=20):
+    return subprocess.run([sys.executable, "local_endpoints.py", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_help_documents_every_setting_and_version():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for name, _, _ in le.SETTINGS:
+        assert name in result.stdout, name
+    for flag in ("--port", "--bind", "--log-level", "--generate-token", "--version"):
+        assert flag in result.stdout
+    version = run_cli("--version")
+    assert version.returncode == 0 and le.VERSION in version.stdout
+
+
+def test_port_in_use_is_one_clear_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("--port", str(port), "--bind", "127.0.0.1", env={"AWS_EC2_METADATA_DISABLED": "true"})
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"port {port}" in lines[0] and "in use" in lines[0]
+
+
+def test_invalid_metadata_file_stops_startup_with_position(tmp_path):
+    broken = tmp_path / "task.json"
+    broken.write_text('{"Family": "x",\n  "Revision": }')
+    result = run_cli("--port", "0", env={"TASK_METADATA_PATH": str(broken), "AWS_EC2_METADATA_DISABLED": "true"})
+    assert result.returncode == 2
+    assert str(broken) in result.stderr and "line 2 column" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_routing_errors_are_json(start_server):
+    server = start_server()
+    assert_error(server.get("/nope"), 404, "NotFound")
+    response = server.request("POST", "/creds")
+    assert_error(response, 405, "MethodNotAllowed")
+    assert response[1]["Allow"] == "GET, HEAD"
+    assert_error(server.request("BREW", "/v4/x/task"), 405, "MethodNotAllowed")
+    assert_error(server.request("BREW", "/nope"), 404, "NotFound")
+    status, headers, raw = server.request("HEAD", "/health")
+    assert status == 200 and raw == b"" and int(headers["Content-Length"]) > 0
+
+
+def test_paths_are_decoded_once_and_slashes_tolerated(start_server):
+    server = start_server()
+    for path in ("/health/", "//health", "/heal%74h", "/health?x=1"):
+        assert server.get(path)[0] == 200, path
+    # Decoded once only: %2574 is "%74" after one decoding, which names no route.
+    assert server.get("/heal%2574h")[0] == 404
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(start_server):
+    import http.client
+    server = start_server()
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    for _ in range(20):
+        connection.request("GET", "/health")
+        response = connection.getresponse()
+        assert response.status == 200 and json.loads(response.read())["status"] == "ok"
+    assert connection.sock is not None   # still the same connection
+    connection.close()
+
+
+def test_access_log_line_per_request(start_server):
+    server = start_server()
+    server.get("/health")
+    server.get("/missing")
+    time.sleep(0.2)
+    log = server.log()
+    assert re.search(r"GET /health 200 \d+\.\dms 127\.0\.0\.1", log)
+    assert re.search(r"GET /missing 404 \d+\.\dms 127\.0\.0\.1", log)
+
+
+def test_startup_line_names_source_region_endpoints(aws_server, moto):
+    server = aws_server(env={"AWS_DEFAULT_REGION": "eu-west-3"})
+    line = next(l for l in server.log().splitlines() if "local-endpoints" in l and "credentials:" in l)
+    assert "credentials: env" in line and "region eu-west-3" in line
+    assert f"STS {moto.url}" in line and f"IAM {moto.url}" in line
+
+
+def test_disconnect_mid_request_is_not_a_traceback(start_server):
+    server = start_server()
+    for payload in (b"GET /health HTTP/1.1\r\nHost: x\r\n", b"GET /heal", b""):
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(payload)
+    assert server.get("/health")[0] == 200
+    time.sleep(0.3)
+    assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signals_stop_cleanly_within_two_seconds(start_server, signum):
+    server = start_server()
+    with socket.create_connection(("127.0.0.1", server.port)):   # an idle keep-alive client
+        returncode, seconds = server.stop(signum)
+    assert returncode == 0 and seconds < 2.0, (returncode, seconds)
+    assert "Traceback" not in server.log()
+
+
+def test_dual_stack_bind_serves_ipv4_and_ipv6(start_server):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    server = start_server(args=("--bind", "::"))
+    assert server.get("/health")[0] == 200
+    with socket.create_connection(("::1", server.port), timeout=5) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 200")
+    assert re.search(r"GET /health 200 \S+ 127\.0\.0\.1$", server.log(), re.M)   # mapped address as IPv4
+
+
+# ---------------------------------------------------------------------------
+# Credentials from moto, checked by real clients
+# ---------------------------------------------------------------------------
+
+def test_creds_long_term_keys_get_one_session_token(aws_server, moto, secrets):
+    server = aws_server()
+    first = vended(server, "/creds", secrets)
+    assert list(first) == CRED_KEYS
+    assert first["RoleArn"] == "" and EXPIRATION.fullmatch(first["Expiration"])
+    assert first["Token"]   # moto's GetSessionToken answers canned keys, so only the token shows
+    assert 3000 < expires_in(first) <= 3600
+    for _ in range(5):
+        assert vended(server, "/creds/", secrets) == first
+    assert moto.count("GetSessionToken") == 1
+    assert server.get("/creds")[1]["Content-Type"] == "application/json"
+
+
+def test_role_by_name_caches_get_role_and_assume_role(aws_server, moto, secrets):
+    arn = moto.create_role("app-role", path="/team/")
+    server = aws_server()
+    moto.reset_counts()
+    credentials = vended(server, "/role/app-role", secrets)
+    assert list(credentials) == CRED_KEYS and credentials["RoleArn"] == arn
+    for _ in range(3):
+        assert vended(server, "/role/app-role/", secrets) == credentials
+    assert moto.count("GetRole") == 1 and moto.count("AssumeRole") == 1
+    identity = sts_identity(moto, credentials)
+    assert identity["Arn"].endswith("assumed-role/app-role/ecs-local-app-role")
+
+
+@pytest.mark.parametrize("arn", [
+    "arn:aws:iam::123456789012:role/team/app/deep-name",
+    "arn:aws-cn:iam::123456789012:role/cn-role",
+    "arn:aws:iam::123456789012:role/" + "r" * 64,
+])
+def test_role_arn_with_paths_partitions_and_long_names(aws_server, moto, secrets, arn):
+    server = aws_server()
+    credentials = vended(server, "/role-arn/" + arn, secrets)
+    assert credentials["RoleArn"] == arn
+    assert vended(server, "/role-arn/" + arn + "/", secrets) == credentials
+    assert moto.count("AssumeRole") == 1
+    if arn.startswith("arn:aws:"):
+        session = sts_identity(moto, credentials)["Arn"].rsplit("/", 1)[-1]
+        name = arn.rsplit("/", 1)[-1]
+        assert session == f"ecs-local-{name}"[:64]
+
+
+def test_concurrent_cold_requests_make_one_sts_call(aws_server, moto, secrets):
+    server = aws_server()
+    arn = "arn:aws:iam::123456789012:role/single-flight"
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda path: server.get(path), ["/creds"] * 16 + ["/role-arn/" + arn] * 16))
+    assert all(r[0] == 200 for r in results)
+    assert len({r[2] for r in results}) == 2
+    for r in results:
+        doc = json.loads(r[2])
+        secrets.add(doc["SecretAccessKey"], "secret access key")
+        secrets.add(doc["Token"], "session token")
+    assert moto.count("GetSessionToken") == 1 and moto.count("AssumeRole") == 1
+
+
+def test_botocore_container_provider_and_real_sts_call(aws_server, moto, monkeypatch, secrets):
+    """botocore's own container provider (FULL_URI to loopback) accepts every route's answer."""
+    arn = moto.create_role("botocore-role")
+    server = aws_server()
+    for path in ("/creds", "/role/botocore-role", f"/role-arn/{arn}"):
+        monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", server.url + path)
+        provider = botocore.credentials.ContainerProvider()
+        credentials = provider.load()
+        assert credentials is not None and credentials.method == "container-role"
+        frozen = credentials.get_frozen_credentials()
+        secrets.add(frozen.secret_key, "secret access key")
+        secrets.add(frozen.token, "session token")
+        identity = sts_identity(moto, {"AccessKeyId": frozen.access_key, "SecretAccessKey": frozen.secret_key,
+                                       "Token": frozen.token})
+        assert identity["Account"]
+
+
+def test_aws_cli_gets_caller_identity_through_the_server(aws_server, moto, tmp_path, secrets):
+    arn = moto.create_role("cli-role")
+    server = aws_server()
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONTAINER_CREDENTIALS_FULL_URI": f"{server.url}/role/cli-role"}
+    for key in ("PYENV_ROOT", "PYENV_VERSION"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    result = subprocess.run(["aws", "sts", "get-caller-identity", "--endpoint-url", moto.moto_url, "--output",
+                             "json"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "assumed-role/cli-role/ecs-local-cli-role" in json.loads(result.stdout)["Arn"]
+    assert arn
+
+
+# ---------------------------------------------------------------------------
+# Base credentials that are already temporary, and the whole chain
+# ---------------------------------------------------------------------------
+
+def test_temporary_env_credentials_pass_through(aws_server, moto):
+    token = "IQoJb3JpZ2luX2VjEXAMPLETOKEN" + "x" * 40
+    server = aws_server(env={"AWS_SESSION_TOKEN": token, "SHARED_TOKEN_EXPIRATION": "15m"})
+    credentials = body(server.get("/creds"))
+    assert credentials["Token"] == token and credentials["AccessKeyId"] == moto.env["AWS_ACCESS_KEY_ID"]
+    assert 890 < expires_in(credentials) <= 900
+    assert moto.count("GetSessionToken") == 0
+
+
+def test_bad_shared_token_expiration_warns_and_uses_750s(aws_server):
+    token = "IQoJb3JpZ2luX2VjEXAMPLETOKEN" + "y" * 40
+    server = aws_server(env={"AWS_SESSION_TOKEN": token, "SHARED_TOKEN_EXPIRATION": "soon"})
+    assert 740 < expires_in(body(server.get("/creds"))) <= 750
+    assert "SHARED_TOKEN_EXPIRATION" in server.log() and "WARNING" in server.log()
+
+
+def write_aws_config(home: Path, config: str, credentials: str = "") -> None:
+    (home / ".aws").mkdir(exist_ok=True)
+    (home / ".aws" / "config").write_text(config)
+    if credentials:
+        (home / ".aws" / "credentials").write_text(credentials)
+
+
+def test_credential_process_profile_keeps_its_real_expiry(start_server, tmp_path, moto):
+    expiry = (datetime.now(timezone.utc) + timedelta(hours=2)).replace(microsecond=0)
+    process = tmp_path / "creds.py"
+    process.write_text("import json; print(json.dumps({'Version': 1, 'AccessKeyId': 'ASIAPROCESSEXAMPLE', "
+                       "'SecretAccessKey': 'process-secret-key-example-value', "
+                       "'SessionToken': 'process-session-token-example-value', "
+                       f"'Expiration': '{expiry.isoformat().replace('+00:00', 'Z')}'}}))\n")
+    write_aws_config(tmp_path / "home",
+                     f"[profile dev]\ncredential_process = {sys.executable} {process}\nregion = eu-central-1\n")
+    server = start_server(env={"AWS_PROFILE": "dev", "STS_ENDPOINT": moto.url})
+    credentials = body(server.get("/creds"))
+    assert credentials["AccessKeyId"] == "ASIAPROCESSEXAMPLE"
+    assert credentials["Expiration"] == expiry.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert "credentials: custom-process" in server.log() and "region eu-central-1" in server.log()
+
+
+def test_assume_role_profile_is_passed_through(start_server, tmp_path, moto, secrets):
+    arn = moto.create_role("profile-role")
+    write_aws_config(tmp_path / "home",
+                     f"[profile base]\nregion = us-east-1\n[profile app]\nrole_arn = {arn}\nsource_profile = base\n",
+                     f"[base]\naws_access_key_id = {moto.env['AWS_ACCESS_KEY_ID']}\n"
+                     f"aws_secret_access_key = {moto.env['AWS_SECRET_ACCESS_KEY']}\n")
+    secrets.add(moto.env["AWS_SECRET_ACCESS_KEY"], "secret access key")
+    server = start_server(env={"AWS_PROFILE": "app", "AWS_ENDPOINT_URL_STS": moto.url})
+    credentials = vended(server, "/creds", secrets)
+    assert credentials["AccessKeyId"].startswith("ASIA") and credentials["RoleArn"] == ""
+    assert 3000 < expires_in(credentials) <= 3600
+    assert moto.count("GetSessionToken") == 0
+    assert "assumed-role/profile-role/" in sts_identity(moto, credentials)["Arn"]
+
+
+def test_expired_sso_session_is_503_naming_the_login_command(start_server, tmp_path):
+    write_aws_config(tmp_path / "home",
+                     "[profile corp]\nsso_session = corp-sso\nsso_account_id = 123456789012\n"
+                     "sso_role_name = Dev\nregion = us-east-1\n"
+                     "[sso-session corp-sso]\nsso_start_url = https://example.awsapps.com/start\n"
+                     "sso_region = us-east-1\n")
+    server = start_server(env={"AWS_PROFILE": "corp"})
+    doc = assert_error(server.get("/creds"), 503, "SSOSessionExpired")
+    assert "aws sso login --profile corp" in doc["message"]
+    assert server.get("/health")[0] == 200
+
+
+def test_mfa_profile_without_terminal_is_503_not_a_hang(start_server, tmp_path, moto):
+    write_aws_config(tmp_path / "home",
+                     "[profile base]\nregion = us-east-1\n"
+                     "[profile mfa]\nrole_arn = arn:aws:iam::123456789012:role/mfa-role\nsource_profile = base\n"
+                     "mfa_serial = arn:aws:iam::123456789012:mfa/dev\n",
+                     f"[base]\naws_access_key_id = {moto.env['AWS_ACCESS_KEY_ID']}\n"
+                     f"aws_secret_access_key = {moto.env['AWS_SECRET_ACCESS_KEY']}\n")
+    server = start_server(env={"AWS_PROFILE": "mfa", "AWS_ENDPOINT_URL_STS": moto.url})
+    started = time.monotonic()
+    doc = assert_error(server.get("/creds", timeout=10), 503, "MfaRequired")
+    assert time.monotonic() - started < 5
+    assert "mfa" in doc["message"] and "terminal" in doc["message"]
+
+
+def test_no_credentials_is_503_and_the_server_keeps_serving(start_server):
+    server = start_server()
+    doc = assert_error(server.get("/creds"), 503, "NoCredentials")
+    assert "~/.aws" in doc["message"] and "AWS_PROFILE" in doc["message"]
+    health = body(server.get("/health"))
+    assert health["status"] == "ok" and health["credentials"]["resolved"] is False
+    assert_error(server.get("/role/anything"), 503, "NoCredentials")
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path,code", [
+    ("/role/bad%20name", "InvalidRoleName"),
+    ("/role/" + "n" * 65, "InvalidRoleName"),
+    ("/role/a;b", "InvalidRoleName"),
+    ("/role-arn/not-an-arn", "InvalidRoleArn"),
+    ("/role-arn/arn:aws:iam::12345:role/x", "InvalidRoleArn"),
+    ("/role-arn/arn:aws:s3:::bucket", "InvalidRoleArn"),
+    ("/role-arn/arn:aws:iam::123456789012:user/someone", "InvalidRoleArn"),
+])
+def test_malformed_roles_never_reach_aws(aws_server, moto, path, code):
+    server = aws_server()
+    moto.reset_counts()
+    assert_error(server.get(path), 400, code)
+    assert moto.count() == 0
+    assert server.get("/health")[0] == 200
+
+
+def test_unknown_role_is_404(aws_server):
+    assert_error(aws_server().get("/role/no-such-role"), 404, "NoSuchRole")
+
+
+def test_unreachable_sts_is_a_quick_502(start_server, moto):
+    dead = f"http://127.0.0.1:{free_port()}"
+    server = start_server(env={**moto.env, "STS_ENDPOINT": dead, "IAM_ENDPOINT": dead})
+    started = time.monotonic()
+    doc = assert_error(server.get("/creds"), 502, "UpstreamUnavailable")
+    assert time.monotonic() - started < 2.0, "must answer before an SDK's own 2 s timeout"
+    assert "GetSessionToken" in doc["message"]
+    assert_error(server.get("/role/x"), 502, "UpstreamUnavailable")
+
+
+class FakeAws(BaseHTTPRequestHandler):
+    """Fake STS/IAM answering one canned AWS error: moto cannot be made to deny,
+    throttle or fail on demand. Records the User-Agent of each call."""
+
+    answers: dict[str, tuple[int, str]] = {}
+    user_agents: list[str] = []
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        FakeAws.user_agents.append(self.headers.get("User-Agent", ""))
+        status, code = FakeAws.answers["next"]
+        payload = (f"<ErrorResponse><Error><Type>Sender</Type><Code>{code}</Code>"
+                   f"<Message>canned {code}</Message></Error><RequestId>1</RequestId></ErrorResponse>").encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/xml")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_aws():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeAws)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    FakeAws.user_agents.clear()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("status,aws_code,expected_status,expected_code", [
+    (403, "AccessDenied", 403, "AccessDenied"),
+    (400, "Throttling", 429, "Throttled"),
+    (500, "InternalFailure", 502, "UpstreamUnavailable"),
+    (404, "NoSuchEntity", 404, "NoSuchRole"),
+])
+def test_aws_errors_map_to_statuses(start_server, fake_aws, moto, status, aws_code, expected_status,
+                                    expected_code):
+    FakeAws.answers["next"] = (status, aws_code)
+    server = start_server(env={**moto.env, "STS_ENDPOINT": fake_aws, "IAM_ENDPOINT": fake_aws})
+    for path in ("/creds", "/role/some-role"):
+        doc = assert_error(server.get(path), expected_status, expected_code)
+        assert aws_code in doc["message"]
+    assert any(f"local-endpoints/{le.VERSION}" in agent for agent in FakeAws.user_agents)
+    assert server.get("/health")[0] == 200
+
+
+# ---------------------------------------------------------------------------
+# Pure functions
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,seconds", [("750s", 750), ("15m", 900), ("1h", 3600), ("1h30m", 5400),
+                                          ("3600", 3600), ("500ms", 0.5)])
+def test_parse_duration(text, seconds):
+    assert le.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "15x", "-5s", "1h soon"])
+def test_parse_duration_rejects(text):
+    with pytest.raises(ValueError):
+        le.parse_duration(text)
+
+
+@pytest.mark.parametrize("path,handler,params", [
+    ("/creds", le.Endpoints.creds, {}),
+    ("/role/x", le.Endpoints.role, {"name": "x"}),
+    ("/role-arn/arn:aws:iam::1:role/a/b", le.Endpoints.role_arn, {"arn": "arn:aws:iam::1:role/a/b"}),
+    ("/v4", le.Endpoints.container, {"version": "4"}),
+    ("/v4/web", le.Endpoints.container, {"version": "4", "ident": "web"}),
+    ("/v3/containers/web", le.Endpoints.container, {"version": "3", "ident": "web"}),
+    ("/v4/task", le.Endpoints.task, {"version": "4"}),
+    ("/v4/web/task", le.Endpoints.task, {"version": "4", "ident": "web"}),
+    ("/v4/containers/web/taskWithTags", le.Endpoints.task_with_tags, {"version": "4", "ident": "web"}),
+    ("/v4/stats", le.Endpoints.container_stats, {"version": "4"}),
+    ("/v3/web/stats", le.Endpoints.container_stats, {"version": "3", "ident": "web"}),
+    ("/v4/task/stats", le.Endpoints.task_stats, {"version": "4"}),
+    ("/v4/web/task/stats", le.Endpoints.task_stats, {"version": "4", "ident": "web"}),
+    ("/v2/metadata", le.Endpoints.task, {"version": "2"}),
+    ("/v2/metadata/abc", le.Endpoints.container, {"version": "2", "ident": "abc"}),
+    ("/v2/metadataWithTags", le.Endpoints.task_with_tags, {"version": "2"}),
+    ("/v2/stats", le.Endpoints.task_stats, {"version": "2"}),
+    ("/v2/stats/abc", le.Endpoints.container_stats, {"version": "2", "ident": "abc"}),
+    ("/health", le.Endpoints.health, {}),
+])
+def test_route_table(path, handler, params):
+    route, found = le.resolve("GET", path)
+    assert route.handler is handler and found == params
+    assert route.guarded == path.startswith(("/creds", "/role"))
+
+
+@pytest.mark.parametrize("path", ["/v4/containers", "/v5/x", "/v4/a/b/c", "/role/", "/creds/x", "/v2/metadata/a/b"])
+def test_route_table_unknown(path):
+    with pytest.raises(le.ApiError) as error:
+        le.resolve("GET", path)
+    assert error.value.status == 404
+
+
+@pytest.mark.parametrize("raw,path", [("/a//b/", "/a/b"), ("/%61", "/a"), ("/x?y=/z", "/x"), ("/", "/"),
+                                      ("//", "/"), ("/a%2Fb", "/a/b"), ("/%ff", "/\ufffd")])
+def test_normalize_path(raw, path):
+    assert le.normalize_path(raw) == path
+
+
+def client_error(status: int, code: str) -> botocore.exceptions.ClientError:
+    return botocore.exceptions.ClientError(
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op")
+
+
+@pytest.mark.parametrize("error,status,code", [
+    (client_error(403, "AccessDenied"), 403, "AccessDenied"),
+    (client_error(403, "InvalidClientTokenId"), 403, "AccessDenied"),
+    (client_error(404, "NoSuchEntity"), 404, "NoSuchRole"),
+    (client_error(400, "Throttling"), 429, "Throttled"),
+    (client_error(503, "ServiceUnavailable"), 502, "UpstreamUnavailable"),
+    (botocore.exceptions.EndpointConnectionError(endpoint_url="http://x"), 502, "UpstreamUnavailable"),
+    (botocore.exceptions.NoCredentialsError(), 503, "NoCredentials"),
+    (botocore.exceptions.ProfileNotFound(profile="p"), 503, "NoCredentials"),
+    (botocore.exceptions.UnauthorizedSSOTokenError(), 503, "SSOSessionExpired"),
+    (le.MfaCodeRequired("code?"), 503, "MfaRequired"),
+])
+def test_aws_error_mapping(error, status, code):
+    mapped = le.aws_error(error, "Op", "dev")
+    assert (mapped.status, mapped.code) == (status, code)
+
+
+def make_credentials(minutes_left: float, key: str = "AKIDOLD") -> le.Credentials:
+    return le.Credentials(key, "secret", "token", datetime.now(timezone.utc) + timedelta(minutes=minutes_left))
+
+
+class FakeIdentity:
+    profile = None
+
+
+def test_credentials_response_format():
+    credentials = le.Credentials("AKID", "s", "t", datetime(2026, 11, 29, 8, 0, 0, 123, tzinfo=timezone.utc),
+                                 role_arn="arn")
+    assert credentials.response() == {"RoleArn": "arn", "AccessKeyId": "AKID", "SecretAccessKey": "s",
+                                      "Token": "t", "Expiration": "2026-11-29T08:00:00Z"}
+    assert "s" not in repr(credentials).replace("Credentials", "").replace("access_key_id", "")
+
+
+def test_cache_serves_a_valid_entry_when_sts_fails_and_warns(caplog):
+    vendor = le.CredentialVendor(FakeIdentity(), le.Config())
+    vendor._cache["k"] = make_credentials(12)   # inside the refresh window, still valid
+
+    def failing():
+        raise botocore.exceptions.EndpointConnectionError(endpoint_url="http://sts")
+    with caplog.at_level("WARNING"):
+        assert vendor._cached("k", failing).access_key_id == "AKIDOLD"
+    assert "serving cached credentials" in caplog.text
+    vendor._cache["k"] = make_credentials(-1)   # expired: the failure shows
+    with pytest.raises(le.ApiError) as error:
+        vendor._cached("k", failing)
+    assert error.value.status == 502
+
+
+def test_cache_refreshes_ahead_in_the_background():
+    vendor = le.CredentialVendor(FakeIdentity(), le.Config())
+    vendor._cache["k"] = make_credentials(25)   # fresh enough to serve, old enough to refresh
+    calls = []
+    refreshed = threading.Event()
+
+    def fetch():
+        calls.append(1)
+        refreshed.set()
+        return make_credentials(60, "AKIDNEW")
+    assert vendor._cached("k", fetch).access_key_id == "AKIDOLD"   # served at once
+    assert refreshed.wait(5)
+    time.sleep(0.1)
+    assert vendor._cached("k", fetch).access_key_id == "AKIDNEW" and len(calls) == 1
+
+
+def test_cache_reuses_entries_with_more_than_twenty_minutes_left():
+    vendor = le.CredentialVendor(FakeIdentity(), le.Config())
+    vendor._cache["k"] = make_credentials(19)
+    assert vendor._cached("k", lambda: make_credentials(60, "AKIDNEW")).access_key_id == "AKIDNEW"
+    assert vendor._cached("k", lambda: pytest.fail("must not refetch")).access_key_id == "AKIDNEW"
