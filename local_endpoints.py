@@ -1420,7 +1420,8 @@ class Endpoints:
             credentials = {"resolved": True, "source": self.identity.source()}
         except Exception as exc:
             credentials = {"resolved": False, "error": aws_error(exc, "health", self.identity.profile).code}
-        return {"status": "ok", "version": VERSION, "docker": docker, "credentials": credentials}
+        return {"status": "ok", "version": VERSION, "docker": docker, "credentials": credentials,
+                "statsCollectors": self.stats.active()}
 
     # -- metadata ------------------------------------------------------------
 

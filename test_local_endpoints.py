@@ -15,7 +15,9 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import pty
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -32,7 +34,7 @@ import botocore.session
 import pytest
 
 import local_endpoints as le
-from conftest import REPO_ROOT, free_port
+from conftest import REPO_ROOT, free_port, http_request, wait_for
 
 EXPIRATION = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 CRED_KEYS = ["RoleArn", "AccessKeyId", "SecretAccessKey", "Token", "Expiration"]
@@ -381,6 +383,62 @@ def test_mfa_profile_without_terminal_is_503_not_a_hang(start_server, tmp_path, 
     doc = assert_error(server.get("/creds", timeout=10), 503, "MfaRequired")
     assert time.monotonic() - started < 5
     assert "mfa" in doc["message"] and "terminal" in doc["message"]
+
+
+def test_mfa_profile_asks_for_the_code_once_at_startup_on_a_terminal(tmp_path, moto, secrets):
+    """With a terminal attached (a real pty), the code is asked at start-up, then never again."""
+    home = tmp_path / "home"
+    home.mkdir()
+    write_aws_config(home,
+                     "[profile base]\nregion = us-east-1\n"
+                     "[profile mfa]\nrole_arn = arn:aws:iam::123456789012:role/mfa-role\nsource_profile = base\n"
+                     "mfa_serial = arn:aws:iam::123456789012:mfa/dev\n",
+                     f"[base]\naws_access_key_id = {moto.env['AWS_ACCESS_KEY_ID']}\n"
+                     f"aws_secret_access_key = {moto.env['AWS_SECRET_ACCESS_KEY']}\n")
+    port = free_port()
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "AWS_PROFILE": "mfa", "AWS_ENDPOINT_URL_STS": moto.url,
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    pid, terminal = pty.fork()
+    if pid == 0:   # the child: the pty is its controlling terminal
+        os.chdir(REPO_ROOT)
+        os.execve(sys.executable, [sys.executable, "local_endpoints.py", "--port", str(port), "--bind",
+                                   "127.0.0.1", "--log-level", "DEBUG"], env)
+    output = b""
+    try:
+        moto.reset_counts()
+        deadline = time.monotonic() + 20
+        while b"MFA" not in output and time.monotonic() < deadline:
+            if select.select([terminal], [], [], 0.5)[0]:
+                output += os.read(terminal, 4096)
+        assert b"MFA" in output, output
+        os.write(terminal, b"123456\n")
+        url = f"http://127.0.0.1:{port}"
+        assert wait_for(lambda: _answers(url), 20)
+        for _ in range(3):
+            status, _, raw = http_request(url, "GET", "/creds")
+            assert status == 200, raw
+            credentials = json.loads(raw)
+            secrets.add(credentials["SecretAccessKey"], "secret access key")
+            secrets.add(credentials["Token"], "session token")
+        assert moto.count("AssumeRole") == 1
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+        while select.select([terminal], [], [], 0.1)[0]:
+            try:
+                output += os.read(terminal, 4096)
+            except OSError:
+                break
+        os.close(terminal)
+    assert output.count(b"MFA") == 1
+    assert not secrets.leaks(output.decode(errors="replace"))
+
+
+def _answers(url: str) -> bool:
+    try:
+        return http_request(url, "GET", "/health")[0] == 200
+    except OSError:
+        return False
 
 
 def test_no_credentials_is_503_and_the_server_keeps_serving(start_server):
