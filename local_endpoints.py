@@ -1661,6 +1661,7 @@ class EndpointsServer(ThreadingHTTPServer):
     """ThreadingHTTPServer with dual-stack '::', a bound on connections, and quiet disconnects."""
 
     daemon_threads = True
+    block_on_close = False   # stopping must not wait for idle keep-alive clients
     request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], endpoints: Endpoints, max_connections: int):
