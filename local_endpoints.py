@@ -340,12 +340,9 @@ def deep_merge(base: Any, override: Any) -> Any:
     return copy.deepcopy(override)
 
 
-# ---------------------------------------------------------------------------
-# Errors: one JSON shape for every error the server gives
-# ---------------------------------------------------------------------------
-
 class ApiError(Exception):
-    """An answer other than 200, sent as {"code", "message", "HTTPErrorCode"}."""
+    """An answer other than 200, sent as {"code", "message", "HTTPErrorCode"}: one JSON shape
+    for every error the server gives."""
 
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
@@ -497,8 +494,8 @@ class Snapshot:
 
 
 EMPTY_SNAPSHOT = Snapshot({}, {})
-WATCHED_EVENTS = {"create", "start", "restart", "die", "destroy", "rename", "pause", "unpause",
-                  "update", "connect", "disconnect"}
+WATCHED_EVENTS = frozenset({"create", "start", "restart", "die", "destroy", "rename", "pause", "unpause",
+                            "update", "health_status"})
 
 
 class ContainerView:
@@ -581,7 +578,7 @@ class ContainerView:
     def _apply(self, event: dict) -> None:
         action = event.get("Action", "").split(":")[0]
         actor = event.get("Actor") or {}
-        if event.get("Type") == "container" and action in WATCHED_EVENTS | {"health_status"}:
+        if event.get("Type") == "container" and action in WATCHED_EVENTS:
             self._refresh_container(actor["ID"])
         elif event.get("Type") == "network":
             if action in ("connect", "disconnect") and (actor.get("Attributes") or {}).get("container"):
@@ -987,6 +984,47 @@ class CredentialVendor:
         threading.Thread(target=refresh, name="refresh-" + key[:40], daemon=True).start()
 
 
+# Who may ask for credentials: an allowlist of networks and an optional token.
+
+
+ALWAYS_ALLOWED = tuple(ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10"))
+
+
+def plain_ip(address: str) -> IPAddress:
+    """The caller's address, with IPv4-mapped IPv6 (::ffff:a.b.c.d) compared as IPv4."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    return ip
+
+
+class CallerPolicy:
+    """The allowlist of caller networks and the optional authorization token."""
+
+    def __init__(self, config: Config, view: ContainerView):
+        self._explicit = config.allowed_callers
+        self._token = config.authorization_token
+        self._view = view
+
+    def allowed_networks(self) -> tuple[IPNetwork, ...]:
+        if self._explicit is not None:
+            return self._explicit
+        return ALWAYS_ALLOWED + tuple(self._view.current().bridge_subnets())
+
+    def check(self, caller: IPAddress, authorization: str | None) -> None:
+        if not any(caller in network for network in self.allowed_networks()):
+            log.warning("refused credentials to %s: not in the allowed callers", caller)
+            raise ApiError(403, "CallerNotAllowed",
+                           f"{caller} may not fetch credentials: allowed are loopback, link-local and the "
+                           "Docker bridge networks; set ECS_LOCAL_ALLOWED_CALLERS (comma-separated CIDRs) "
+                           "to change that")
+        if self._token is not None and not hmac.compare_digest(
+                (authorization or "").encode("utf-8", "surrogateescape"), self._token.encode("utf-8")):
+            raise ApiError(401, "Unauthorized",
+                           "missing or wrong Authorization header: set AWS_CONTAINER_AUTHORIZATION_TOKEN in "
+                           "the container to the server's ECS_LOCAL_AUTHORIZATION_TOKEN")
+
+
 # ---------------------------------------------------------------------------
 # Metadata builders: pure functions from Docker's JSON to ECS's JSON
 # ---------------------------------------------------------------------------
@@ -1327,48 +1365,6 @@ def stats_document(sample: tuple[dict, dict | None], version: int) -> dict:
     if version >= 4:
         doc["network_rate_stats"] = network_rates(latest, previous)
     return doc
-
-
-# ---------------------------------------------------------------------------
-# Who may ask for credentials
-# ---------------------------------------------------------------------------
-
-ALWAYS_ALLOWED = tuple(ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10"))
-
-
-def plain_ip(address: str) -> IPAddress:
-    """The caller's address, with IPv4-mapped IPv6 (::ffff:a.b.c.d) compared as IPv4."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        return ip.ipv4_mapped
-    return ip
-
-
-class CallerPolicy:
-    """The allowlist of caller networks and the optional authorization token."""
-
-    def __init__(self, config: Config, view: ContainerView):
-        self._explicit = config.allowed_callers
-        self._token = config.authorization_token
-        self._view = view
-
-    def allowed_networks(self) -> tuple[IPNetwork, ...]:
-        if self._explicit is not None:
-            return self._explicit
-        return ALWAYS_ALLOWED + tuple(self._view.current().bridge_subnets())
-
-    def check(self, caller: IPAddress, authorization: str | None) -> None:
-        if not any(caller in network for network in self.allowed_networks()):
-            log.warning("refused credentials to %s: not in the allowed callers", caller)
-            raise ApiError(403, "CallerNotAllowed",
-                           f"{caller} may not fetch credentials: allowed are loopback, link-local and the "
-                           "Docker bridge networks; set ECS_LOCAL_ALLOWED_CALLERS (comma-separated CIDRs) "
-                           "to change that")
-        if self._token is not None and not hmac.compare_digest(
-                (authorization or "").encode("utf-8", "surrogateescape"), self._token.encode("utf-8")):
-            raise ApiError(401, "Unauthorized",
-                           "missing or wrong Authorization header: set AWS_CONTAINER_AUTHORIZATION_TOKEN in "
-                           "the container to the server's ECS_LOCAL_AUTHORIZATION_TOKEN")
 
 
 # ---------------------------------------------------------------------------
