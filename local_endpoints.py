@@ -88,7 +88,8 @@ SETTINGS: tuple[tuple[str, str, str], ...] = (
     ("TASK_DEFINITION_REVISION", "1", "Revision"),
     ("LAUNCH_TYPE", "EC2", "LaunchType (v4)"),
     ("AVAILABILITY_ZONE", "(TASK_ARN's region)a", "AvailabilityZone"),
-    ("TASK_TAGS", "", "TaskTags for the WithTags routes, as k=v,k2=v2"),
+    ("TASK_TAGS", "", "TaskTags for the WithTags routes, as k=v,k2=v2 (the original's name, "
+                      "TASK_TAGS_VAR, works too)"),
     ("CONTAINER_INSTANCE_TAGS", "", "ContainerInstanceTags for the WithTags routes, as k=v,k2=v2"),
     ("CONTAINER_METADATA_PATH", "", "JSON file deep-merged over every container response"),
     ("TASK_METADATA_PATH", "", "JSON file deep-merged over every task response"),
@@ -268,7 +269,7 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
         task_revision=environ.get("TASK_DEFINITION_REVISION") or "1",
         launch_type=environ.get("LAUNCH_TYPE") or "EC2",
         availability_zone=environ.get("AVAILABILITY_ZONE") or None,
-        task_tags=parse_tags("TASK_TAGS", environ.get("TASK_TAGS", "")),
+        task_tags=parse_tags("TASK_TAGS", first_env(environ, "TASK_TAGS", "TASK_TAGS_VAR") or ""),
         container_instance_tags=parse_tags("CONTAINER_INSTANCE_TAGS",
                                            environ.get("CONTAINER_INSTANCE_TAGS", "")),
         container_metadata_path=environ.get("CONTAINER_METADATA_PATH") or None,
