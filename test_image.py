@@ -1,0 +1,500 @@
+"""Tests of the container image (Dockerfile) and of the example compose files.
+
+The image is built from the repository's Dockerfile on top of a local base
+image that behaves like the official ``python:*-slim`` image (no image
+registry is reachable here): Debian bookworm made with ``debootstrap``,
+``python``/``pip`` on PATH, pip allowed to install, and this machine's CA
+bundle and pip ``cert`` setting inside so pip reaches the package index the
+way the host does.  The base image is cached under ``BASE_IMAGE``; delete that
+tag to rebuild it.
+
+The endpoints container then runs as in the original tutorial: on a bridge
+network 169.254.170.0/24 at 169.254.170.2 with the Docker socket mounted, STS
+and IAM served by a ``moto_server`` on the host bound to the network's
+gateway.  A busybox "app" container joins the network, and the host's python
+(with botocore) runs inside that container's network namespace through
+``nsenter``, so it is a real SDK client seen by the server from the app's IP.
+
+Needs: the shared Docker engine and the busybox image (conftest.py's
+``docker_engine`` and ``busybox_image`` fixtures), root (debootstrap,
+nsenter), moto[server] and botocore in the host's python, and debootstrap and
+docker-compose, which are apt-get installed when missing. With CI set,
+anything missing is a failure, never a skip.
+
+Timings on the 2-core machine: base image ~55 s (once, then cached), project
+image ~6 s (pip install inside ``docker build`` on the default bridge network,
+no ``--network host`` needed), the rest ~15 s.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent
+EXAMPLES = REPO / "examples"
+
+# Bump the suffix when the recipe in build_base_image() changes.
+BASE_IMAGE = "local-endpoints-test/python-base:bookworm-1"
+SUBNET = "169.254.170.0/24"
+GATEWAY = "169.254.170.1"
+ENDPOINTS_IP = "169.254.170.2"
+CLIENT_IP = "169.254.170.3"
+RUN_ID = uuid.uuid4().hex[:8]
+IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def unavailable(reason):
+    """Skip outside CI; in CI a missing prerequisite is a defect."""
+    if IN_CI:
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+def run(cmd, check=True, timeout=600, **kw):
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, **kw
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            "command failed (%d): %s\nstdout:\n%s\nstderr:\n%s"
+            % (proc.returncode, " ".join(map(str, cmd)), proc.stdout[-4000:], proc.stderr[-4000:])
+        )
+    return proc
+
+
+_apt_updated = False
+
+
+def ensure_tool(path_or_cmd, package):
+    """Return the tool's path, apt-get installing its package when missing."""
+    global _apt_updated
+    found = shutil.which(path_or_cmd) or (
+        path_or_cmd if os.path.isabs(path_or_cmd) and os.path.exists(path_or_cmd) else None
+    )
+    if found:
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        unavailable("%s missing (apt-get install %s needs root)" % (path_or_cmd, package))
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    if not _apt_updated:
+        run(["apt-get", "update"], env=env)
+        _apt_updated = True
+    run(["apt-get", "install", "-y", "--no-install-recommends", package], env=env)
+    found = shutil.which(path_or_cmd) or (path_or_cmd if os.path.exists(path_or_cmd) else None)
+    if not found:
+        unavailable("%s still missing after apt-get install %s" % (path_or_cmd, package))
+    return found
+
+
+def debian_mirror():
+    """The Debian mirror the host's apt sources use (never hardcoded)."""
+    files = [Path("/etc/apt/sources.list")]
+    d = Path("/etc/apt/sources.list.d")
+    if d.is_dir():
+        files += sorted(d.glob("*.list")) + sorted(d.glob("*.sources"))
+    for f in files:
+        if not f.is_file():
+            continue
+        if f.suffix == ".sources":  # deb822
+            for stanza in f.read_text().split("\n\n"):
+                fields = {}
+                for line in stanza.splitlines():
+                    if ":" in line and not line.startswith(("#", " ")):
+                        k, v = line.split(":", 1)
+                        fields[k.strip().lower()] = v.split()
+                suites = fields.get("suites", [])
+                if "deb" in fields.get("types", []) and any(
+                    s in ("bookworm", "stable") for s in suites
+                ) and fields.get("uris"):
+                    return fields["uris"][0]
+        else:  # one-line format: deb [options] URI SUITE COMPONENTS...
+            for line in f.read_text().splitlines():
+                line = line.split("#", 1)[0]
+                if "]" in line:
+                    line = line.split("[", 1)[0] + line.split("]", 1)[1]
+                parts = line.split()
+                if len(parts) >= 3 and parts[0] == "deb" and parts[2] in ("bookworm", "stable"):
+                    return parts[1]
+    return None
+
+
+# ----------------------------------------------------------------- fixtures
+# docker_engine (the shared dockerd, started if needed, machine-wide lock) and
+# busybox_image come from conftest.py.
+
+TEST_LABEL = "local-endpoints-test=1"  # conftest removes leftovers with it
+
+
+@pytest.fixture(scope="module")
+def docker(docker_engine):
+    """Path of the docker CLI; DOCKER_HOST is set to the shared engine."""
+    old = os.environ.get("DOCKER_HOST")
+    os.environ["DOCKER_HOST"] = docker_engine.host
+    yield docker_engine.docker_cli
+    if old is None:
+        os.environ.pop("DOCKER_HOST", None)
+    else:
+        os.environ["DOCKER_HOST"] = old
+
+
+@pytest.fixture(scope="module")
+def root():
+    if os.geteuid() != 0:
+        unavailable("needs root (debootstrap, nsenter)")
+
+
+@pytest.fixture(scope="module")
+def created(docker):
+    """Ids of what the tests create; removed at teardown (not the cached base)."""
+    things = {"containers": [], "networks": [], "images": []}
+    yield things
+    for cid in reversed(things["containers"]):
+        run([docker, "rm", "-f", "-v", cid], check=False)
+    for net in things["networks"]:
+        run([docker, "network", "rm", net], check=False)
+    for img in things["images"]:
+        run([docker, "rmi", "-f", img], check=False)
+
+
+def image_exists(docker, tag):
+    return run([docker, "image", "inspect", tag], check=False).returncode == 0
+
+
+def build_base_image(docker, tag, workdir):
+    """A local stand-in for python:*-slim made with debootstrap + docker import."""
+    debootstrap = ensure_tool("debootstrap", "debootstrap")
+    mirror = debian_mirror()
+    if not mirror:
+        unavailable("no Debian bookworm mirror in the host's apt sources")
+    rootfs = workdir / "rootfs"
+    run(
+        [debootstrap, "--variant=minbase", "--include=python3,python3-pip,ca-certificates",
+         "bookworm", str(rootfs), mirror],
+        timeout=900,
+    )
+    # Like the official image: pip may install into the system python ...
+    for marker in rootfs.glob("usr/lib/python3*/EXTERNALLY-MANAGED"):
+        marker.unlink()
+    python = rootfs / "usr/bin/python"
+    if not python.exists():
+        python.symlink_to("python3")
+    # ... and reaches the package index the way the host does: the same CA
+    # bundle (TLS proxy) and pip's cert setting. No index URL is copied: the
+    # host's extra indexes are local file:// directories, absent in the image.
+    ca = Path("/etc/ssl/certs/ca-certificates.crt")
+    if ca.is_file():
+        shutil.copyfile(ca, rootfs / "etc/ssl/certs/ca-certificates.crt")
+    (rootfs / "etc/pip.conf").write_text(
+        "[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n"
+        "disable-pip-version-check = true\nroot-user-action = ignore\n"
+    )
+    for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
+        for f in (rootfs / junk).glob("*"):
+            if f.is_file():
+                f.unlink()
+    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+    run(
+        [docker, "import",
+         "-c", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+         "-c", "ENV LANG=C.UTF-8",
+         "-c", 'CMD ["python3"]',
+         "-", tag],
+        stdin=tar.stdout,
+    )
+    tar.stdout.close()
+    assert tar.wait() == 0
+    shutil.rmtree(rootfs, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def base_image(docker, root, tmp_path_factory):
+    if not image_exists(docker, BASE_IMAGE):
+        t0 = time.monotonic()
+        build_base_image(docker, BASE_IMAGE, tmp_path_factory.mktemp("base"))
+        print("\nbase image %s built in %.1fs" % (BASE_IMAGE, time.monotonic() - t0))
+    return BASE_IMAGE
+
+
+@pytest.fixture(scope="module")
+def endpoints_image(docker, base_image, created):
+    if not (REPO / "local_endpoints.py").is_file():
+        unavailable("local_endpoints.py not written yet")
+    tag = "local-endpoints-test/endpoints:" + RUN_ID
+    t0 = time.monotonic()
+    # The build container reaches the package index through the default
+    # bridge network like the host does; no --network host is needed.
+    run([docker, "build", "--build-arg", "PYTHON_IMAGE=" + base_image,
+         "--label", TEST_LABEL, "-t", tag, str(REPO)], timeout=900)
+    created["images"].append(tag)
+    print("\nimage %s built in %.1fs" % (tag, time.monotonic() - t0))
+    return tag
+
+
+@pytest.fixture(scope="module")
+def network(docker, created):
+    name = "le-test-" + RUN_ID
+    proc = run([docker, "network", "create", "--driver", "bridge", "--subnet", SUBNET,
+                "--gateway", GATEWAY, "--label", TEST_LABEL, name], check=False)
+    if proc.returncode != 0:
+        pytest.fail("cannot create network %s (%s): %s" % (name, SUBNET, proc.stderr.strip()),
+                    pytrace=False)
+    created["networks"].append(name)
+    return name
+
+
+def free_port(host):
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url, timeout=30):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.status
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def gateway_moto(network):
+    """moto_server on the host, bound to the test network's gateway address."""
+    try:
+        import flask  # noqa: F401  (moto_server needs it)
+        import moto.server  # noqa: F401
+    except ImportError as e:
+        unavailable("moto[server] is not installed: %s" % e)
+    port = free_port(GATEWAY)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", GATEWAY, "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = "http://%s:%d" % (GATEWAY, port)
+    try:
+        wait_http(url + "/moto-api/", timeout=30)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+DUMMY_ENV = {
+    "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE",
+    "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def inspect(docker, cid):
+    return json.loads(run([docker, "inspect", cid]).stdout)[0]
+
+
+@pytest.fixture(scope="module")
+def endpoints(docker_engine, docker, endpoints_image, network, gateway_moto, created):
+    env = dict(DUMMY_ENV, STS_ENDPOINT=gateway_moto, IAM_ENDPOINT=gateway_moto)
+    cmd = [docker, "run", "-d", "--name", "le-test-endpoints-" + RUN_ID, "--label", TEST_LABEL,
+           "--network", network, "--ip", ENDPOINTS_IP,
+           "-v", "%s:/var/run/docker.sock" % docker_engine.socket,
+           "--health-interval", "1s", "--health-start-period", "1s"]
+    for k, v in env.items():
+        cmd += ["-e", "%s=%s" % (k, v)]
+    cid = run(cmd + [endpoints_image]).stdout.strip()
+    created["containers"].append(cid)
+    try:
+        wait_http("http://%s/health" % ENDPOINTS_IP, timeout=30)
+    except Exception:
+        logs = run([docker, "logs", cid], check=False)
+        pytest.fail("endpoints container not answering /health:\n%s%s"
+                    % (logs.stdout[-3000:], logs.stderr[-3000:]), pytrace=False)
+    return cid
+
+
+@pytest.fixture(scope="module")
+def client(docker, busybox_image, network, endpoints, created):
+    cid = run([docker, "run", "-d", "--name", "le-test-app-" + RUN_ID, "--label", TEST_LABEL,
+               "--network", network, "--ip", CLIENT_IP, busybox_image,
+               "/bin/sleep", "3600"]).stdout.strip()
+    created["containers"].append(cid)
+    pid = inspect(docker, cid)["State"]["Pid"]
+    assert pid > 0
+    return {"id": cid, "pid": pid}
+
+
+def in_app_netns(client, code, env):
+    """Run the host's python inside the app container's network namespace."""
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("AWS_", "ECS_"))}
+    clean.update({
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    })
+    clean.update(env)
+    proc = run(["nsenter", "--net=/proc/%d/ns/net" % client["pid"], sys.executable, "-c",
+                textwrap.dedent(code)], env=clean, check=False, timeout=120)
+    assert proc.returncode == 0, "client failed:\n%s\n%s" % (proc.stdout, proc.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+STS_CLIENT = """
+    import json, os, urllib.request
+    import botocore.session
+    session = botocore.session.get_session()
+    creds = session.get_credentials()
+    frozen = creds.get_frozen_credentials()
+    sts = session.create_client("sts", endpoint_url=os.environ["MOTO_URL"])
+    ident = sts.get_caller_identity()
+    uri = "http://169.254.170.2" + os.environ["AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"]
+    vended = json.load(urllib.request.urlopen(uri, timeout=10))
+    print(json.dumps({"method": creds.method, "access_key": frozen.access_key,
+                      "token": frozen.token, "vended": vended,
+                      "arn": ident["Arn"], "account": ident["Account"]}))
+"""
+
+
+# -------------------------------------------------------------------- tests
+
+
+def test_base_image_is_python_slim_like(docker, base_image):
+    out = run([docker, "run", "--rm", base_image, "sh", "-c",
+               "python --version && pip --version && "
+               "test ! -e /usr/lib/python3*/EXTERNALLY-MANAGED && "
+               "test -s /etc/ssl/certs/ca-certificates.crt && echo ok"]).stdout
+    assert "Python 3" in out and "pip" in out and out.strip().endswith("ok")
+
+
+def test_image_is_small_and_has_no_build_tools(docker, endpoints_image):
+    info = inspect(docker, endpoints_image)
+    cfg = info["Config"]
+    assert cfg["Entrypoint"] == ["python", "local_endpoints.py"] or cfg["Cmd"] == [
+        "python", "local_endpoints.py"]
+    assert "HOME=/home" in cfg["Env"]
+    assert "80/tcp" in (cfg.get("ExposedPorts") or {})
+    assert cfg["Healthcheck"]["Test"][0] in ("CMD", "CMD-SHELL")
+    files = run([docker, "run", "--rm", "--entrypoint", "sh", endpoints_image, "-c",
+                 "ls /app; for t in gcc cc make; do command -v $t || true; done; "
+                 "python -c 'import boto3, requests_unixsocket; print(boto3.__version__)'"]
+                ).stdout.split()
+    assert sorted(files[:2]) == ["local_endpoints.py", "requirements.txt"]
+    assert files[-1] == "1.43.11"
+    assert not any(f.endswith(("/gcc", "/cc", "/make")) for f in files)
+
+
+def test_creds_with_botocore_container_provider(client, gateway_moto):
+    got = in_app_netns(client, STS_CLIENT, {
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI": "/creds", "MOTO_URL": gateway_moto})
+    assert got["method"] == "container-role"
+    assert got["access_key"] == got["vended"]["AccessKeyId"]
+    # Temporary credentials (moto's GetSessionToken), not the server's own keys.
+    assert got["token"] and got["token"] == got["vended"]["Token"]
+    assert got["vended"]["Expiration"]
+    assert got["account"]
+
+
+def test_role_credentials_from_moto(client, gateway_moto):
+    # Create the role in moto (IAM), as a user of the moto example would.
+    import boto3
+    iam = boto3.client("iam", endpoint_url=gateway_moto, region_name="us-east-1",
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    role = iam.create_role(
+        RoleName="le-test-role",
+        AssumeRolePolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Principal": {"Service": "ecs-tasks.amazonaws.com"},
+            "Action": "sts:AssumeRole"}]}),
+    )["Role"]
+    got = in_app_netns(client, STS_CLIENT, {
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI": "/role/le-test-role", "MOTO_URL": gateway_moto})
+    assert got["method"] == "container-role"
+    assert got["access_key"] == got["vended"]["AccessKeyId"]
+    assert got["vended"].get("RoleArn") in (role["Arn"], None)
+    assert ":assumed-role/le-test-role/" in got["arn"]
+
+
+def test_task_metadata_v4_identifies_caller_by_ip(client):
+    got = in_app_netns(client, """
+        import json, os, urllib.request
+        base = os.environ["ECS_CONTAINER_METADATA_URI_V4"]
+        print(json.dumps(json.load(urllib.request.urlopen(base, timeout=10))))
+    """, {"ECS_CONTAINER_METADATA_URI_V4": "http://169.254.170.2/v4"})
+    assert got["DockerId"] == client["id"]
+
+
+def test_task_metadata_at_container_start(docker, busybox_image, network, endpoints, created):
+    """An app that reads its metadata first thing at start (as on ECS) finds itself."""
+    cid = run([docker, "run", "-d", "--label", TEST_LABEL, "--network", network,
+               busybox_image, "sh", "-c",
+               "wget -qO- http://169.254.170.2/v4 || echo FAILED"]).stdout.strip()
+    created["containers"].append(cid)
+    run([docker, "wait", cid], timeout=60)
+    logs = run([docker, "logs", cid])
+    out = logs.stdout + logs.stderr
+    assert "FAILED" not in out, out
+    assert json.loads(logs.stdout)["DockerId"] == cid
+
+
+def test_healthcheck_reports_healthy(docker, endpoints):
+    deadline = time.monotonic() + 60
+    status = None
+    while time.monotonic() < deadline:
+        status = inspect(docker, endpoints)["State"]["Health"]["Status"]
+        if status == "healthy":
+            break
+        time.sleep(0.5)
+    assert status == "healthy", inspect(docker, endpoints)["State"]["Health"]
+
+
+def test_healthcheck_follows_port_env_and_docker_stop_is_fast(docker, endpoints_image,
+                                                               network, created):
+    """Another port via ECS_LOCAL_METADATA_PORT; SIGTERM reaches PID 1."""
+    cid = run([docker, "run", "-d", "--label", TEST_LABEL, "--network", network,
+               "-e", "ECS_LOCAL_METADATA_PORT=8080", "-e", "AWS_EC2_METADATA_DISABLED=true",
+               "--health-interval", "1s", "--health-start-period", "1s",
+               endpoints_image]).stdout.strip()
+    created["containers"].append(cid)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        state = inspect(docker, cid)["State"]
+        if state["Health"]["Status"] == "healthy" or not state["Running"]:
+            break
+        time.sleep(0.5)
+    assert state["Health"]["Status"] == "healthy", (
+        state, run([docker, "logs", cid], check=False).stderr[-3000:])
+
+    t0 = time.monotonic()
+    run([docker, "stop", "-t", "10", cid])
+    elapsed = time.monotonic() - t0
+    state = inspect(docker, cid)["State"]
+    assert elapsed < 2.0, "docker stop took %.2fs" % elapsed
+    assert not state["Running"]
+    assert state["ExitCode"] != 137, "killed with SIGKILL"
+
+
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.moto.yml",
+                                  "docker-compose.host.yml"])
+def test_compose_file_parses(name, tmp_path):
+    compose = ensure_tool("docker-compose", "docker-compose")
+    path = EXAMPLES / name
+    assert path.is_file()
+    env = dict(os.environ, HOME=str(tmp_path))  # ~/.aws need not exist
+    proc = run([compose, "-f", str(path), "config"], check=False, env=env, cwd=EXAMPLES)
+    assert proc.returncode == 0, proc.stderr
+    assert "services:" in proc.stdout
