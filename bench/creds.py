@@ -1,0 +1,120 @@
+"""Benchmark of issue 2: cached /creds and /role/{name} against a bare ThreadingHTTPServer.
+
+Starts moto_server behind conftest's counting proxy (STS and IAM), creates a
+role, starts local_endpoints.py pointed at it, captures its /creds and
+/role/{name} responses, and starts bench/bare_server.py replaying exactly
+those bytes. Both are then driven by the same 8 keep-alive clients, windows
+interleaved. The proxy counts the STS (and IAM) calls that really happened.
+
+Targets: throughput >= 0.8x the bare server's, p50 <= 1.5x the bare server's,
+and at most one STS call per identity per refresh window (the whole run fits
+in one window: an entry is reused until 30 minutes are left of its hour).
+
+    python3 bench/creds.py [--clients 8] [--rounds 6] [--seconds 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import benchlib
+from benchlib import Measurement, Server, compare, fetch, free_port, table, tcp, verdict
+from conftest import Moto, http_request
+
+ROLE = "le-bench-app"
+PATHS = ("/creds", f"/role/{ROLE}")
+MIN_THROUGHPUT_RATIO = 0.8
+MAX_P50_RATIO = 1.5
+
+
+def capture(server: Server, path: str) -> dict:
+    status, headers, body = http_request(server.url, path=path)
+    if status != 200:
+        raise RuntimeError(f"GET {path} answered {status}: {body[:300]!r}")
+    return {"status": status, "reason": "OK", "headers": list(headers.items()), "body": body.decode()}
+
+
+def bare_server(workdir: Path, responses: dict):
+    """bench/bare_server.py replaying ``responses``; see ``benchlib.running``."""
+    responses_path = workdir / "responses.json"
+    responses_path.write_text(json.dumps(responses))
+    port = free_port()
+    return benchlib.running([sys.executable, str(Path(__file__).with_name("bare_server.py")),
+                             str(port), str(responses_path)], workdir, port)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=1.0, help="length of one window")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="le-bench-creds-") as tmp:
+        workdir = Path(tmp)
+        moto = Moto(workdir / "moto.log")
+        moto.start()
+        try:
+            moto.create_role(ROLE)
+            moto.reset_counts()
+            with benchlib.endpoints(workdir, {
+                    **moto.env, "STS_ENDPOINT": moto.url, "IAM_ENDPOINT": moto.url,
+                    # No Docker needed here: metadata routes are not benchmarked.
+                    "DOCKER_HOST": f"unix://{workdir}/no-docker.sock"}) as server:
+                responses = {path: capture(server, path) for path in PATHS}
+                with bare_server(workdir, responses) as bare:
+                    if fetch(tcp(bare.port), "/creds").decode() != responses["/creds"]["body"]:
+                        raise RuntimeError("the bare server does not replay the captured /creds body")
+                    targets = {}
+                    for path in PATHS:
+                        targets[f"bare server {path}"] = (tcp(bare.port), path)
+                        targets[f"local_endpoints {path}"] = (tcp(server.port), path)
+                    results = compare(targets, args.clients, args.rounds, args.seconds)
+                failures = benchlib.errors_of(results)
+                for path in PATHS:
+                    if fetch(tcp(server.port), path).decode() != responses[path]["body"]:
+                        failures.append(f"{path}: credentials changed during the run (cache not used)")
+            # Every request local_endpoints answered: the windows, one warm-up per
+            # client and window, the capture and the check above.
+            served = {path: results[f"local_endpoints {path}"].requests + args.rounds * args.clients + 2
+                      for path in PATHS}
+            sts = {"/creds": moto.count("GetSessionToken"), PATHS[1]: moto.count("AssumeRole")}
+            get_role = moto.count("GetRole")
+        finally:
+            moto.close()
+
+    rows: list[tuple[str, int, Measurement, Measurement | None]] = []
+    for path in PATHS:
+        base = results[f"bare server {path}"]
+        rows.append((f"bare server {path}", args.clients, base, None))
+        rows.append((f"local_endpoints {path}", args.clients, results[f"local_endpoints {path}"], base))
+    print(f"\ncached credentials, {args.clients} keep-alive clients, {args.rounds} x {args.seconds:g} s "
+          "windows per target (ratios: local_endpoints / bare server)\n")
+    print(table(rows))
+    print()
+    for path in PATHS:
+        print(f"{path}: {sts[path]} STS call(s) for {served[path]} requests = "
+              f"{sts[path] * 1000 / served[path]:.4f} per 1000 requests")
+    print(f"{PATHS[1]}: {get_role} IAM GetRole call(s)")
+    print()
+    for path in PATHS:
+        base, mine = results[f"bare server {path}"], results[f"local_endpoints {path}"]
+        verdict(mine.rps >= MIN_THROUGHPUT_RATIO * base.rps,
+                f"{path} throughput {mine.rps / base.rps:.2f}x the bare server's (target >= {MIN_THROUGHPUT_RATIO}x)")
+        verdict(mine.p50 <= MAX_P50_RATIO * base.p50,
+                f"{path} p50 {mine.p50 / base.p50:.2f}x the bare server's (target <= {MAX_P50_RATIO}x)")
+    for path in PATHS:
+        verdict(sts[path] <= 1, f"{path}: {sts[path]} STS call(s) for one identity in one refresh window "
+                                "(target <= 1)")
+    verdict(get_role <= 1, f"{PATHS[1]}: {get_role} GetRole call(s) (target <= 1, cached)")
+    for failure in failures:
+        print(f"FAILED  {failure}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Benchmark of issue 3: warm /v4/{name} and /v4/{name}/task against the original's floor.
+
+The original listed every container on each metadata request, so a direct
+``GET /containers/json`` on the same Docker socket is the least any request of
+it cost. This runs 20 busybox containers in one compose project (labels),
+starts local_endpoints.py on the shared dockerd, warms it, and drives the
+three targets with the same keep-alive clients, windows interleaved, first
+with 1 client (latency of a lone caller) then with 8 (under load).
+
+Target: warm p50 at most one third of the direct Docker call's p50.
+
+    python3 bench/metadata.py [--containers 20] [--rounds 6] [--seconds 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import benchlib
+from benchlib import Measurement, compare, docker_session, fetch, table, tcp, unix, verdict
+
+CLIENT_COUNTS = (1, 8)
+MAX_P50_RATIO = 1 / 3
+DOCKER = "docker GET /containers/json"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--containers", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=1.0, help="length of one window")
+    args = parser.parse_args()
+
+    project = f"le-bench-{secrets.token_hex(3)}"
+    names = [f"{project}-app{i:02d}-1" for i in range(args.containers)]
+    with tempfile.TemporaryDirectory(prefix="le-bench-metadata-") as tmp, \
+            docker_session() as (engine, image, containers):
+        def run(index_name: tuple[int, str]) -> str:
+            index, name = index_name
+            return containers.run("--name", name, "--label", f"com.docker.compose.project={project}",
+                                  "--label", f"com.docker.compose.service=app{index:02d}",
+                                  image, "sleep", "3600")
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(run, enumerate(names)))
+        with benchlib.endpoints(Path(tmp), {"DOCKER_HOST": engine.host}) as server:
+            name = names[0]
+            task = json.loads(fetch(tcp(server.port), f"/v4/{name}/task"))
+            if len(task["Containers"]) != args.containers:
+                raise RuntimeError(f"/v4/{name}/task lists {len(task['Containers'])} containers, "
+                                   f"expected {args.containers}")
+            targets = {DOCKER: (unix(engine.socket), "/containers/json"),
+                       "local_endpoints /v4/{name}": (tcp(server.port), f"/v4/{name}"),
+                       "local_endpoints /v4/{name}/task": (tcp(server.port), f"/v4/{name}/task")}
+            results = {clients: compare(targets, clients, args.rounds, args.seconds)
+                       for clients in CLIENT_COUNTS}
+
+    rows: list[tuple[str, int, Measurement, Measurement | None]] = []
+    for clients, measured in results.items():
+        for label, m in measured.items():
+            rows.append((label, clients, m, None if label == DOCKER else measured[DOCKER]))
+    print(f"\nwarm metadata, {args.containers} running containers, {args.rounds} x {args.seconds:g} s "
+          f"windows per target and client count (ratios: local_endpoints / direct Docker call)\n")
+    print(table(rows))
+    print()
+    failures = []
+    for clients, measured in results.items():
+        failures += benchlib.errors_of(measured)
+        docker = measured[DOCKER]
+        for label, m in measured.items():
+            if label != DOCKER:
+                verdict(m.p50 <= MAX_P50_RATIO * docker.p50,
+                        f"{label} with {clients} client(s): p50 {m.p50 / docker.p50:.3f}x the direct "
+                        f"Docker call's (target <= {MAX_P50_RATIO:.3f}x)")
+    for failure in failures:
+        print(f"FAILED  {failure}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Benchmark of issue 4: warm /v4/{name}/stats and /v4/{name}/task/stats against a direct stats call.
+
+Docker's ``GET /containers/{id}/stats?stream=false`` waits for a second
+sample, about one second, and the original made that call for each stats
+request. This runs 10 busybox containers in one compose project (labels),
+starts local_endpoints.py on the shared dockerd, warms its collectors with one
+task stats request, then interleaves, round by round, windows of the two
+routes (1 client, then 8 keep-alive clients) with a few direct Docker calls
+on the same socket (sequential: each takes a second).
+
+Target: warm p50 at least 50x faster than the direct call's p50.
+
+    python3 bench/stats.py [--containers 10] [--rounds 6] [--seconds 1] [--direct-samples 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import benchlib
+from benchlib import Measurement, compare, docker_session, fetch, sequential, table, tcp, unix, verdict
+
+CLIENT_COUNTS = (1, 8)
+MIN_SPEEDUP = 50
+DOCKER = "docker GET stats?stream=false"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--containers", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=1.0, help="length of one window")
+    parser.add_argument("--direct-samples", type=int, default=5, help="direct Docker stats calls in all")
+    args = parser.parse_args()
+
+    project = f"le-bench-{secrets.token_hex(3)}"
+    names = [f"{project}-app{i:02d}-1" for i in range(args.containers)]
+    with tempfile.TemporaryDirectory(prefix="le-bench-stats-") as tmp, \
+            docker_session() as (engine, image, containers):
+        def run(index_name: tuple[int, str]) -> str:
+            index, name = index_name
+            return containers.run("--name", name, "--label", f"com.docker.compose.project={project}",
+                                  "--label", f"com.docker.compose.service=app{index:02d}",
+                                  image, "sleep", "3600")
+
+        with ThreadPoolExecutor(4) as pool:
+            ids = list(pool.map(run, enumerate(names)))
+        with benchlib.endpoints(Path(tmp), {"DOCKER_HOST": engine.host}) as server:
+            name = names[0]
+            task_stats = json.loads(fetch(tcp(server.port), f"/v4/{name}/task/stats"))
+            if sorted(k for k, v in task_stats.items() if v) != sorted(ids):
+                raise RuntimeError(f"/v4/{name}/task/stats has stats for {sum(map(bool, task_stats.values()))}"
+                                   f" of its {args.containers} containers after warm-up")
+            targets = {"local_endpoints /v4/{name}/stats": (tcp(server.port), f"/v4/{name}/stats"),
+                       "local_endpoints /v4/{name}/task/stats": (tcp(server.port), f"/v4/{name}/task/stats")}
+            results = {clients: {label: Measurement() for label in targets} for clients in CLIENT_COUNTS}
+            direct = Measurement()
+            for round_ in range(args.rounds):
+                for clients in CLIENT_COUNTS:
+                    for label, m in compare(targets, clients, 1, args.seconds).items():
+                        results[clients][label].add(m)
+                samples = args.direct_samples // args.rounds + (round_ < args.direct_samples % args.rounds)
+                direct.add(sequential(unix(engine.socket), f"/containers/{ids[0]}/stats?stream=false", samples))
+
+    rows: list[tuple[str, int, Measurement, Measurement | None]] = [(DOCKER, 1, direct, None)]
+    for clients, measured in results.items():
+        rows += [(label, clients, m, direct) for label, m in measured.items()]
+    print(f"\nwarm stats, {args.containers} containers in one compose project, {args.rounds} x "
+          f"{args.seconds:g} s windows per route and client count, {direct.requests} direct calls "
+          "(ratios: local_endpoints / direct Docker call)\n")
+    print(table(rows))
+    print()
+    failures = []
+    for clients, measured in results.items():
+        failures += benchlib.errors_of(measured)
+        for label, m in measured.items():
+            verdict(direct.p50 >= MIN_SPEEDUP * m.p50,
+                    f"{label} with {clients} client(s): p50 {direct.p50 / m.p50:.0f}x faster than the direct "
+                    f"call (target >= {MIN_SPEEDUP}x)")
+    for failure in failures:
+        print(f"FAILED  {failure}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
