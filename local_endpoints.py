@@ -417,7 +417,8 @@ class DockerClient:
 
     def _url(self, path: str) -> str:
         if self.api_version is None:
-            self.api_version = choose_api_version(self._call(self._session, self.base + "/version"))
+            with contextlib.closing(self._new_session()) as session:   # no turn to wait for
+                self.api_version = choose_api_version(self._call(session, self.base + "/version"))
             log.info("Docker Engine at %s, API version %s", self.host, self.api_version)
         return f"{self.base}/v{self.api_version}{path}"
 
@@ -444,8 +445,13 @@ class DockerClient:
 
     def get(self, path: str, params: dict | None = None) -> Any:
         """GET a JSON document; LookupError for a 404 (e.g. a container just removed)."""
-        with self._session_lock:
-            return self._call(self._session, self._url(path), params)
+        url = self._url(path)
+        if not self._session_lock.acquire(timeout=DOCKER_TIMEOUT):
+            raise self.timeout_error()
+        try:
+            return self._call(self._session, url, params)
+        finally:
+            self._session_lock.release()
 
     def stream(self, path: str, params: dict | None = None, read_timeout: float | None = None
                ) -> Iterator[dict]:
@@ -453,11 +459,9 @@ class DockerClient:
 
         The connection is open when this returns, so nothing sent after that is missed.
         """
-        with self._session_lock:   # _url may negotiate the version on the shared connection
-            url = self._url(path)
         session = self._new_session()
         try:
-            response = self._call(session, url, params, stream=True, read_timeout=read_timeout)
+            response = self._call(session, self._url(path), params, stream=True, read_timeout=read_timeout)
         except BaseException:
             session.close()
             raise
@@ -746,8 +750,9 @@ def task_members(snapshot: Snapshot, caller: dict, own_id: str | None) -> list[d
 CREDENTIALS_FRESH_SECONDS = 20 * 60     # reuse while more than this is left: clients get >= 15 min
 CREDENTIALS_AHEAD_SECONDS = 30 * 60     # refresh in the background once less than this is left
 ASSUME_ROLE_SECONDS = 3600
-ROLE_NAME = re.compile(r"[\w+=,.@-]{1,64}")
-ROLE_ARN = re.compile(r"arn:aws(?:-[a-z]+)*:iam::\d{12}:role/(?:[\x21-\x2e\x30-\x7e]+/){0,50}([\w+=,.@-]{1,64})")
+ROLE_NAME = re.compile(r"[\w+=,.@-]{1,64}", re.ASCII)
+ROLE_ARN = re.compile(r"arn:aws(?:-[a-z]+)*:iam::\d{12}:role/(?:[\x21-\x2e\x30-\x7e]+/){0,50}([\w+=,.@-]{1,64})",
+                      re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -1575,7 +1580,7 @@ class Route:
 
 def route(method: str, pattern: str, handler: Callable[[Endpoints, Request], Any], guarded: bool = False
           ) -> Route:
-    return Route(method, re.compile(pattern), handler, guarded)
+    return Route(method, re.compile(pattern, re.DOTALL), handler, guarded)
 
 
 # v3/v4 base: /vN, /vN/containers/{ident} (the original's form) or /vN/{ident} (ECS's form).
@@ -1644,29 +1649,38 @@ class RequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"local-endpoints/{VERSION}"
     sys_version = ""
-    timeout = IDLE_TIMEOUT            # idle keep-alive and slow clients, as the agent's 5 s
     disable_nagle_algorithm = True    # no 40 ms Nagle + delayed-ACK stall on keep-alive
     server: EndpointsServer
 
     def handle_one_request(self) -> None:
-        """BaseHTTPRequestHandler's loop step, routing every method through one table."""
-        self._started = time.monotonic()
+        """BaseHTTPRequestHandler's loop step, routing every method through one table.
+
+        The whole request (line and headers) must arrive within IDLE_TIMEOUT of the
+        connection being ready for it, as the agent's read timeout: idle keep-alive
+        clients and clients that send a byte a second are cut off by the server's reaper.
+        """
+        self.server.deadlines[self] = time.monotonic() + IDLE_TIMEOUT
         try:
             self.raw_requestline = self.rfile.readline(65537)
+            self._started = time.monotonic()
             if len(self.raw_requestline) > 65536:
                 self.requestline, self.request_version, self.command = "", "HTTP/1.1", None
                 self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
                 return
-            if not self.raw_requestline:
-                self.close_connection = True
+            if not self.raw_requestline.endswith(b"\n"):
+                self.close_connection = True   # closed by the client, or by the reaper mid-line
                 return
-            if not self.parse_request():
+            parsed = self.parse_request()
+            if self.server.deadlines.pop(self, None) is None:
+                self.close_connection = True   # the reaper cut the headers short
                 return
-            self.dispatch()
-            self.wfile.flush()
+            if parsed:
+                self.dispatch()
         except (TimeoutError, ConnectionError) as exc:
             log.debug("connection from %s closed: %s", self.client_address[0], exc.__class__.__name__)
             self.close_connection = True
+        finally:
+            self.server.deadlines.pop(self, None)
 
     def dispatch(self) -> None:
         endpoints = self.server.endpoints
@@ -1704,7 +1718,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         if self.close_connection:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.server.deadlines[self] = time.monotonic() + IDLE_TIMEOUT   # a client that never reads
         self.wfile.write(head if self.command == "HEAD" else head + payload)
+        self.server.deadlines.pop(self, None)
         self.log_access(status)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
@@ -1735,7 +1751,27 @@ class EndpointsServer(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.endpoints = endpoints
         self._slots = threading.BoundedSemaphore(max_connections)
+        # Handler -> when its current read or write must be done; see reap().
+        self.deadlines: dict[RequestHandler, float] = {}
         super().__init__(address, RequestHandler)
+        threading.Thread(target=self.reap, name="reaper", daemon=True).start()
+
+    def reap(self) -> None:
+        """Close the connections of handlers past their deadline.
+
+        One thread watches them all, instead of a socket timeout on every
+        connection, which would add a poll() to every read and write.
+        """
+        while True:
+            time.sleep(0.25)
+            now = time.monotonic()
+            for handler, deadline in list(self.deadlines.items()):
+                if deadline < now:
+                    self.deadlines.pop(handler, None)
+                    try:
+                        handler.connection.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
