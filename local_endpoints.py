@@ -489,7 +489,7 @@ class Snapshot:
     containers: dict[str, dict]
     networks: dict[str, dict]
     health: dict[str, tuple[str, str | None]] = field(default_factory=dict)   # see health_transitions
-    memo: dict[tuple, bytes] = field(default_factory=dict, compare=False, repr=False)
+    memo: dict[tuple, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def running(self) -> list[dict]:
         return [c for c in self.containers.values() if c["State"].get("Running")]
@@ -1478,11 +1478,18 @@ class Endpoints:
     # -- metadata ------------------------------------------------------------
 
     def _match(self, snapshot: Snapshot, request: Request) -> tuple[list[dict], str | None]:
-        own = find_own_container(snapshot, self._own_candidates)
+        """Containers the request names (or whose address it comes from); memoized when found."""
         identifier = request.params.get("ident")
-        if identifier:
-            return match_identifier(snapshot, identifier, own["Id"] if own else None), own and own["Id"]
-        return match_ip(snapshot, request.caller, own), own and own["Id"]
+        key = ("match", identifier or str(request.caller))
+        if key not in snapshot.memo:
+            own = find_own_container(snapshot, self._own_candidates)
+            own_id = own["Id"] if own else None
+            found = (match_identifier(snapshot, identifier, own_id) if identifier
+                     else match_ip(snapshot, request.caller, own))
+            if not found:
+                return found, own_id
+            snapshot.memo[key] = (found, own_id)
+        return snapshot.memo[key]
 
     def _locate(self, request: Request) -> tuple[Snapshot, dict, str | None]:
         """The snapshot, the container a request is about, and the server's own container ID.
