@@ -875,6 +875,8 @@ def test_container_stopped_mid_run(fleet, start_server, docker_engine, container
     assert stats[keep]["id"] == keep
 
     assert wait_for(lambda: get_json(server, f"/v4/{names[0]}/task/stats")[stop] == {}, 5)
+    # The stopped container's collector ended and is gone; the running one's stays.
+    assert wait_for(lambda: get_json(server, "/health")["statsCollectors"] == 1, 10)
     v3 = get_json(server, f"/v3/{names[0]}/task/stats")
     assert set(v3) == {keep, stop} and v3[stop] is None and v3[keep]["id"] == keep
     for path in (f"/v4/{names[1]}/stats", f"/v3/{names[1]}/stats", f"/v2/stats/{names[1]}"):
