@@ -618,25 +618,26 @@ class ContainerView:
         threading.Thread(target=self._watch, name="docker-events", daemon=True).start()
 
     def _watch(self) -> None:
-        """Follow /events for ever: reconnect when the stream breaks, resync now and then."""
+        """Follow /events for ever: reconnect when the stream breaks, resync every RESYNC_SECONDS.
+
+        Docker ends the stream itself at `until`, which is when the loop resyncs; the read
+        timeout only catches an engine that stopped answering.
+        """
         while True:
             try:
                 events = self.docker.stream(
-                    "/events", {"filters": json.dumps({"type": ["container", "network"]})},
-                    read_timeout=self.RESYNC_SECONDS)
+                    "/events", {"filters": json.dumps({"type": ["container", "network"]}),
+                                "since": str(int(time.time())),
+                                "until": str(int(time.time() + self.RESYNC_SECONDS))},
+                    read_timeout=self.RESYNC_SECONDS + 30)
                 with contextlib.closing(events):
                     self.sync()   # after the stream opened, so no change falls in between
-                    synced_at = time.monotonic()
                     for event in events:
                         self._apply(event)
-                        if time.monotonic() - synced_at > self.RESYNC_SECONDS:
-                            break
             except (ApiError, LookupError) as exc:
-                # A quiet stream times out after RESYNC_SECONDS: that is just the next resync.
-                if not (isinstance(exc, ApiError) and exc.code == "DockerTimeout" and self._synced):
-                    self._synced = False
-                    log.debug("Docker events stream: %s", exc.message if isinstance(exc, ApiError) else exc)
-                    time.sleep(self.RETRY_SECONDS)
+                self._synced = False
+                log.debug("Docker events stream: %s", exc.message if isinstance(exc, ApiError) else exc)
+                time.sleep(self.RETRY_SECONDS)
             except Exception:   # never let the watcher die: metadata would go stale
                 log.exception("Docker events stream failed")
                 self._synced = False
@@ -798,7 +799,10 @@ def aws_error(exc: Exception, action: str, profile: str | None) -> ApiError:
         return ApiError(503, "NoCredentials",
                         "no AWS credentials found: mount your ~/.aws folder (at /home/.aws in the "
                         "image) and set AWS_PROFILE, or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
-    if isinstance(exc, (botocore.exceptions.ProfileNotFound, botocore.exceptions.CredentialRetrievalError,
+    if isinstance(exc, botocore.exceptions.ProfileNotFound):
+        return ApiError(503, "NoCredentials", f"{exc}: mount your ~/.aws folder (at /home/.aws in the image) "
+                                              "or fix AWS_PROFILE")
+    if isinstance(exc, (botocore.exceptions.CredentialRetrievalError,
                         botocore.exceptions.PartialCredentialsError, botocore.exceptions.InvalidConfigError)):
         return ApiError(503, "NoCredentials", f"cannot load AWS credentials: {exc}")
     if isinstance(exc, botocore.exceptions.ClientError):
@@ -825,14 +829,20 @@ class AwsIdentity:
         self.config = config
         self._botocore = botocore.session.Session()
         self.profile = self._botocore.profile
-        if not self._botocore.get_config_variable("region"):
-            # Also for the STS clients botocore makes itself (assume-role profiles).
-            self._botocore.set_config_variable("region", "us-east-1")
-        self.session = boto3.Session(botocore_session=self._botocore)
-        self.region = self.session.region_name
+        self.missing_profile: botocore.exceptions.ProfileNotFound | None = None
         self._interactive = False
         self._clients: dict[str, Any] = {}
         self._lock = threading.Lock()
+        try:
+            if not self._botocore.get_config_variable("region"):
+                # Also for the STS clients botocore makes itself (assume-role profiles).
+                self._botocore.set_config_variable("region", "us-east-1")
+            self.session = boto3.Session(botocore_session=self._botocore)
+            self.region = self.session.region_name
+        except botocore.exceptions.ProfileNotFound as exc:
+            # Typically ~/.aws not mounted: metadata still works; credentials say why not.
+            self.missing_profile, self.region = exc, "us-east-1"
+            return
         # botocore asks for MFA codes with getpass: that would hang a request.
         resolver = self._botocore.get_component("credential_provider")
         assume_role = resolver.get_provider("assume-role")
@@ -856,14 +866,12 @@ class AwsIdentity:
         return source
 
     def source(self) -> str:
-        credentials = self.session.get_credentials()
-        if credentials is None:
-            raise botocore.exceptions.NoCredentialsError()
-        credentials.get_frozen_credentials()
-        return credentials.method
+        return self.base()[2]
 
     def base(self) -> tuple[Any, datetime | None, str]:
         """(frozen credentials, their expiry if the source knows it, source method)."""
+        if self.missing_profile:
+            raise self.missing_profile
         credentials = self.session.get_credentials()
         if credentials is None:
             raise botocore.exceptions.NoCredentialsError()

@@ -450,6 +450,15 @@ def test_no_credentials_is_503_and_the_server_keeps_serving(start_server):
     assert_error(server.get("/role/anything"), 503, "NoCredentials")
 
 
+def test_missing_profile_starts_and_says_so_per_request(start_server):
+    """AWS_PROFILE set but ~/.aws not mounted: metadata keeps working, credentials say why not."""
+    server = start_server(env={"AWS_PROFILE": "forgot-to-mount"})
+    doc = assert_error(server.get("/creds"), 503, "NoCredentials")
+    assert "forgot-to-mount" in doc["message"] and "~/.aws" in doc["message"]
+    assert_error(server.get("/role/app"), 503, "NoCredentials")
+    assert body(server.get("/health"))["credentials"]["resolved"] is False
+
+
 # ---------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------

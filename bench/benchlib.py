@@ -19,12 +19,14 @@ import contextlib
 import http.client
 import math
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -131,6 +133,18 @@ def docker_session():
         if not was_running:
             engine.stop()
         os.close(lock_fd)
+
+
+def compose_project(containers, image: str, count: int) -> tuple[list[str], list[str]]:
+    """Start count sleeping containers labelled as one compose project: (names, ids)."""
+    project = f"le-bench-{secrets.token_hex(3)}"
+    names = [f"{project}-app{i:02d}-1" for i in range(count)]
+
+    def run(index: int) -> str:
+        return containers.run("--name", names[index], "--label", f"com.docker.compose.project={project}",
+                              "--label", f"com.docker.compose.service=app{index:02d}", image, "sleep", "3600")
+    with ThreadPoolExecutor(4) as pool:
+        return names, list(pool.map(run, range(count)))
 
 
 def busybox_image(engine: DockerEngine) -> str:

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import benchlib
@@ -37,18 +35,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=1.0, help="length of one window")
     args = parser.parse_args()
 
-    project = f"le-bench-{secrets.token_hex(3)}"
-    names = [f"{project}-app{i:02d}-1" for i in range(args.containers)]
     with tempfile.TemporaryDirectory(prefix="le-bench-metadata-") as tmp, \
             docker_session() as (engine, image, containers):
-        def run(index_name: tuple[int, str]) -> str:
-            index, name = index_name
-            return containers.run("--name", name, "--label", f"com.docker.compose.project={project}",
-                                  "--label", f"com.docker.compose.service=app{index:02d}",
-                                  image, "sleep", "3600")
-
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(run, enumerate(names)))
+        names, _ = benchlib.compose_project(containers, image, args.containers)
         with benchlib.endpoints(Path(tmp), {"DOCKER_HOST": engine.host}) as server:
             name = names[0]
             task = json.loads(fetch(tcp(server.port), f"/v4/{name}/task"))

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import benchlib
@@ -39,18 +37,9 @@ def main() -> int:
     parser.add_argument("--direct-samples", type=int, default=5, help="direct Docker stats calls in all")
     args = parser.parse_args()
 
-    project = f"le-bench-{secrets.token_hex(3)}"
-    names = [f"{project}-app{i:02d}-1" for i in range(args.containers)]
     with tempfile.TemporaryDirectory(prefix="le-bench-stats-") as tmp, \
             docker_session() as (engine, image, containers):
-        def run(index_name: tuple[int, str]) -> str:
-            index, name = index_name
-            return containers.run("--name", name, "--label", f"com.docker.compose.project={project}",
-                                  "--label", f"com.docker.compose.service=app{index:02d}",
-                                  image, "sleep", "3600")
-
-        with ThreadPoolExecutor(4) as pool:
-            ids = list(pool.map(run, enumerate(names)))
+        names, ids = benchlib.compose_project(containers, image, args.containers)
         with benchlib.endpoints(Path(tmp), {"DOCKER_HOST": engine.host}) as server:
             name = names[0]
             task_stats = json.loads(fetch(tcp(server.port), f"/v4/{name}/task/stats"))
