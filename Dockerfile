@@ -26,13 +26,10 @@ COPY local_endpoints.py ./
 
 EXPOSE 80
 
-# /health answers 200 with JSON while the server is up. Python's urllib is
-# used because slim images have no curl/wget; it follows ECS_LOCAL_METADATA_PORT
-# and ECS_LOCAL_BIND_ADDRESS (set the port with the variable rather than with
-# --port, or the healthcheck looks at port 80), never a proxy. It raises on a non-2xx
-# answer or no answer, so python exits 1: unhealthy.
+# /health answers 200 while the server is up; --health-check asks it, on the port and
+# address the same settings give the server (no curl in slim images).
 HEALTHCHECK --interval=5s --timeout=5s --start-period=5s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request as u; b = os.environ.get('ECS_LOCAL_BIND_ADDRESS') or '0.0.0.0'; h = '127.0.0.1' if b in ('0.0.0.0', '::') else ('[%s]' % b if ':' in b else b); u.build_opener(u.ProxyHandler({})).open('http://%s:%s/health' % (h, os.environ.get('ECS_LOCAL_METADATA_PORT') or '80'), timeout=3).read()"]
+    CMD ["python", "local_endpoints.py", "--health-check"]
 
 # Exec form: python is PID 1 and receives SIGTERM from `docker stop` directly.
 # Arguments given to `docker run IMAGE ...` are appended (e.g. --port 8080).

@@ -27,6 +27,7 @@ import copy
 import errno
 import getpass
 import hmac
+import http.client
 import ipaddress
 import json
 import logging
@@ -229,6 +230,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="logging level (ECS_LOCAL_LOG_LEVEL, default INFO)")
     parser.add_argument("--generate-token", action="store_true",
                         help="print a random token for ECS_LOCAL_AUTHORIZATION_TOKEN and exit")
+    parser.add_argument("--health-check", action="store_true",
+                        help="exit 0 if the server on this port answers /health (the image's HEALTHCHECK)")
     parser.add_argument("--version", action="version", version=f"local-endpoints {VERSION}")
     return parser.parse_args(argv)
 
@@ -1842,6 +1845,21 @@ def configure_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
+def health_check(args: argparse.Namespace, environ: dict[str, str]) -> int:
+    """GET /health of the server these settings describe: 0 if it answers 200, else 1."""
+    config = load_config(args, environ)
+    host = "127.0.0.1" if config.bind in ("0.0.0.0", "::") else config.bind
+    port = config.port
+    try:
+        connection = http.client.HTTPConnection(host, port, timeout=3)
+        connection.request("GET", "/health")
+        status = connection.getresponse().status
+    except OSError as exc:
+        print(f"local-endpoints: no answer on {host} port {port}: {exc}", file=sys.stderr)
+        return 1
+    return 0 if status == 200 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.generate_token:
@@ -1849,6 +1867,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     configure_logging(log_level(args, dict(os.environ)))   # before load_config: it may warn
     try:
+        if args.health_check:
+            return health_check(args, dict(os.environ))
         config = load_config(args, dict(os.environ))
         endpoints = Endpoints(config)
     except ConfigError as exc:

@@ -120,6 +120,16 @@ def test_port_in_use_is_one_clear_line():
     assert f"port {port}" in lines[0] and "in use" in lines[0]
 
 
+def test_health_check_command(start_server):
+    """What the image's HEALTHCHECK runs: 0 while the server answers, 1 when nothing listens."""
+    server = start_server()
+    assert run_cli("--health-check", "--port", str(server.port), "--bind", "127.0.0.1").returncode == 0
+    assert run_cli("--health-check", env={"ECS_LOCAL_METADATA_PORT": str(server.port)}).returncode == 0
+    server.stop()
+    failed = run_cli("--health-check", "--port", str(server.port))
+    assert failed.returncode == 1 and "no answer" in failed.stderr and "Traceback" not in failed.stderr
+
+
 def test_invalid_metadata_file_stops_startup_with_position(tmp_path):
     broken = tmp_path / "task.json"
     broken.write_text('{"Family": "x",\n  "Revision": }')
