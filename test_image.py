@@ -40,6 +40,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import apt_install, unavailable
+
 REPO = Path(__file__).resolve().parent
 EXAMPLES = REPO / "examples"
 
@@ -50,15 +52,6 @@ GATEWAY = "169.254.170.1"
 ENDPOINTS_IP = "169.254.170.2"
 CLIENT_IP = "169.254.170.3"
 RUN_ID = uuid.uuid4().hex[:8]
-IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def unavailable(reason):
-    """Skip outside CI; in CI a missing prerequisite is a defect."""
-    if IN_CI:
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
-
 
 def run(cmd, check=True, timeout=600, **kw):
     proc = subprocess.run(
@@ -72,28 +65,19 @@ def run(cmd, check=True, timeout=600, **kw):
     return proc
 
 
-_apt_updated = False
-
-
 def ensure_tool(path_or_cmd, package):
     """Return the tool's path, apt-get installing its package when missing."""
-    global _apt_updated
-    found = shutil.which(path_or_cmd) or (
-        path_or_cmd if os.path.isabs(path_or_cmd) and os.path.exists(path_or_cmd) else None
-    )
-    if found:
-        return found
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        unavailable("%s missing (apt-get install %s needs root)" % (path_or_cmd, package))
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    if not _apt_updated:
-        run(["apt-get", "update"], env=env)
-        _apt_updated = True
-    run(["apt-get", "install", "-y", "--no-install-recommends", package], env=env)
-    found = shutil.which(path_or_cmd) or (path_or_cmd if os.path.exists(path_or_cmd) else None)
-    if not found:
+    def find():
+        return shutil.which(path_or_cmd) or (
+            path_or_cmd if os.path.isabs(path_or_cmd) and os.path.exists(path_or_cmd) else None)
+    if not find():
+        try:
+            apt_install(package)
+        except RuntimeError as e:
+            unavailable("%s missing: %s" % (path_or_cmd, e))
+    if not find():
         unavailable("%s still missing after apt-get install %s" % (path_or_cmd, package))
-    return found
+    return find()
 
 
 def debian_mirror():
