@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import copy
 import errno
+import functools
 import getpass
 import hmac
 import http.client
@@ -497,10 +498,11 @@ class Snapshot:
     def running(self) -> list[dict]:
         return [c for c in self.containers.values() if c["State"].get("Running")]
 
-    def bridge_subnets(self) -> list[IPNetwork]:
+    @functools.cached_property
+    def bridge_subnets(self) -> tuple[IPNetwork, ...]:
         """Subnets of bridge networks: their containers may ask for credentials by default.
 
-        Not macvlan/ipvlan: their subnet is the LAN itself.
+        Not macvlan/ipvlan: their subnet is the LAN itself.  Worked out once per snapshot.
         """
         subnets = []
         for network in self.networks.values():
@@ -511,7 +513,7 @@ class Snapshot:
                     subnets.append(ipaddress.ip_network(conf["Subnet"], strict=False))
                 except (KeyError, ValueError):
                     pass
-        return subnets
+        return tuple(subnets)
 
 
 WATCHED_EVENTS = frozenset({"create", "start", "restart", "die", "destroy", "rename", "pause", "unpause",
@@ -1022,7 +1024,6 @@ class CredentialVendor:
 
 # Who may ask for credentials: an allowlist of networks and an optional token.
 
-
 ALWAYS_ALLOWED = tuple(ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10"))
 
 
@@ -1045,7 +1046,7 @@ class CallerPolicy:
     def allowed_networks(self) -> tuple[IPNetwork, ...]:
         if self._explicit is not None:
             return self._explicit
-        return ALWAYS_ALLOWED + tuple(self._view.current().bridge_subnets())
+        return ALWAYS_ALLOWED + self._view.current().bridge_subnets
 
     def check(self, caller: IPAddress, authorization: str | None) -> None:
         if not any(caller in network for network in self.allowed_networks()):
