@@ -1649,7 +1649,7 @@ def resolve(method: str, path: str) -> tuple[Route, dict[str, str]]:
 # The HTTP handler
 # ---------------------------------------------------------------------------
 
-IDLE_TIMEOUT = 5.0
+CLIENT_TIMEOUT = 5.0   # the ECS agent's read and write timeouts
 
 
 def printable(text: str, limit: int) -> str:
@@ -1674,11 +1674,11 @@ class RequestHandler(BaseHTTPRequestHandler):
     def handle_one_request(self) -> None:
         """BaseHTTPRequestHandler's loop step, routing every method through one table.
 
-        The whole request (line and headers) must arrive within IDLE_TIMEOUT of the
+        The whole request (line and headers) must arrive within CLIENT_TIMEOUT of the
         connection being ready for it, as the agent's read timeout: idle keep-alive
         clients and clients that send a byte a second are cut off by the server's reaper.
         """
-        self.server.deadlines[self] = time.monotonic() + IDLE_TIMEOUT
+        self.server.deadlines[self] = time.monotonic() + CLIENT_TIMEOUT
         try:
             self.raw_requestline = self.rfile.readline(65537)
             self._started = time.monotonic()
@@ -1737,7 +1737,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         if self.close_connection:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self.server.deadlines[self] = time.monotonic() + IDLE_TIMEOUT   # a client that never reads
+        self.server.deadlines[self] = time.monotonic() + CLIENT_TIMEOUT   # a client that never reads
         self.wfile.write(head if self.command == "HEAD" else head + payload)
         self.server.deadlines.pop(self, None)
         self.log_access(status)
