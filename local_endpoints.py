@@ -113,7 +113,6 @@ class ConfigError(Exception):
 class Config:
     port: int = 80
     bind: str = "0.0.0.0"
-    log_level: str = "INFO"
     shared_token_expiration: float = 750.0
     sts_endpoint: str | None = None
     iam_endpoint: str | None = None
@@ -260,7 +259,6 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
     return Config(
         port=port,
         bind=args.bind or environ.get("ECS_LOCAL_BIND_ADDRESS") or "0.0.0.0",
-        log_level=log_level(args, environ),
         shared_token_expiration=expiration,
         sts_endpoint=with_scheme(first_env(environ, "STS_ENDPOINT", "STS_CUSTOM_ENDPOINT",
                                            "AWS_ENDPOINT_URL_STS", "AWS_ENDPOINT_URL")),
@@ -1449,7 +1447,8 @@ class Request:
 
 
 class Endpoints:
-    """The handlers: one small method per route, each returning a JSON-able body."""
+    """The handlers: one small method per route, each returning a JSON-able body, or
+    metadata already encoded as JSON bytes (memoized per Docker snapshot)."""
 
     def __init__(self, config: Config):
         self.config = config
@@ -1849,8 +1848,7 @@ def configure_logging(level: str) -> None:
 def health_check(args: argparse.Namespace, environ: dict[str, str]) -> int:
     """GET /health of the server these settings describe: 0 if it answers 200, else 1."""
     config = load_config(args, environ)
-    host = "127.0.0.1" if config.bind in ("0.0.0.0", "::") else config.bind
-    port = config.port
+    host, port = ("127.0.0.1" if config.bind in ("0.0.0.0", "::") else config.bind), config.port
     try:
         connection = http.client.HTTPConnection(host, port, timeout=3)
         connection.request("GET", "/health")
