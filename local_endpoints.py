@@ -9,11 +9,15 @@ ECS or Fargate:
 * task metadata and stats (v2, v3, v4) built from the live Docker Engine.
 
 Reading guide for auditors: every route is in ``ROUTES`` near the end of the
-file; each names one small handler method of ``Endpoints``.  The only external
-calls are made by ``DockerClient`` (the Docker Engine API over its Unix socket)
-and ``AwsIdentity`` (boto3's credential chain, STS and IAM).  Routes that hand
-out credentials are marked ``guarded`` in the table; ``CallerPolicy`` decides
-who may call them.
+file, written as a rule such as ``/v{version:3|4}[/{ident:container}]/task``
+(``compile_rule`` says what each part means); each names one small handler
+method of ``Endpoints``.  Every outbound call is a named method of one of two
+classes: ``DockerClient`` (version, containers, inspect, networks, events,
+stats: the Docker Engine API over its socket) and ``AwsIdentity`` (boto3's
+credential chain; get_session_token, get_role, assume_role on STS and IAM).
+Routes that hand out credentials are marked ``guarded`` in the table;
+``CallerPolicy`` decides who may call them.  Every setting is one row of
+``SETTINGS``.
 
 Sections, in data-flow order: configuration, Docker client, credentials,
 metadata builders, stats, the route table, the HTTP handler, main().
@@ -24,6 +28,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import email.message
+import email.utils
 import errno
 import functools
 import getpass
@@ -46,7 +52,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import quote, unquote
 
 import boto3
@@ -71,67 +77,52 @@ DEFAULT_TASK_ARN = (
     "arn:aws:ecs:us-west-2:111111111111:task/ecs-local-cluster/37e873f6-37b4-42a7-af47-eac7275c6152"
 )
 
-# (environment variable, default, meaning): the single source for --help and README.
-SETTINGS: tuple[tuple[str, str, str], ...] = (
-    ("ECS_LOCAL_METADATA_PORT", "80", "TCP port to listen on (--port)"),
-    ("ECS_LOCAL_BIND_ADDRESS", "0.0.0.0", "address to listen on; '::' serves IPv4 and IPv6 (--bind)"),
-    ("ECS_LOCAL_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR (--log-level)"),
-    ("AWS_PROFILE", "", "profile of ~/.aws/config and ~/.aws/credentials; the whole boto3 credential chain applies"),
-    ("SHARED_TOKEN_EXPIRATION", "750s", "lifetime given to base credentials that are already temporary "
-                                        "and carry no expiry of their own ('750s', '15m', '1h', or seconds)"),
-    ("STS_ENDPOINT", "", "STS endpoint URL; also STS_CUSTOM_ENDPOINT, AWS_ENDPOINT_URL_STS, AWS_ENDPOINT_URL"),
-    ("IAM_ENDPOINT", "", "IAM endpoint URL; also IAM_CUSTOM_ENDPOINT, AWS_ENDPOINT_URL_IAM, AWS_ENDPOINT_URL"),
-    ("DOCKER_HOST", "", "unix:// socket of the Docker Engine; default: the first that exists of "
-                        "/var/run/docker.sock, Docker Desktop's, rootless, colima's and podman's sockets"),
-    ("CLUSTER_ARN", "ecs-local-cluster", "Cluster in task metadata"),
-    ("TASK_ARN", "(per compose project)", "TaskARN; when unset each compose project gets its own stable ARN"),
-    ("TASK_DEFINITION_FAMILY", "(compose project)", "Family; default: the compose project, "
-                                                    "else ecs-local-task-definition"),
-    ("TASK_DEFINITION_REVISION", "1", "Revision"),
-    ("LAUNCH_TYPE", "EC2", "LaunchType (v4)"),
-    ("AVAILABILITY_ZONE", "(TASK_ARN's region)a", "AvailabilityZone"),
-    ("TASK_TAGS", "", "TaskTags for the WithTags routes, as k=v,k2=v2 (the original's name, "
-                      "TASK_TAGS_VAR, works too)"),
-    ("CONTAINER_INSTANCE_TAGS", "", "ContainerInstanceTags for the WithTags routes, as k=v,k2=v2"),
-    ("CONTAINER_METADATA_PATH", "", "JSON file deep-merged over every container response"),
-    ("TASK_METADATA_PATH", "", "JSON file deep-merged over every task response"),
-    ("ECS_LOCAL_CONTAINER_ID", "", "name or ID of the container this server runs in (found by itself "
-                                   "from HOSTNAME or /proc otherwise)"),
-    ("ECS_LOCAL_ALLOWED_CALLERS", "(loopback, link-local, bridge subnets)",
-     "comma-separated CIDRs allowed to fetch credentials"),
-    ("ECS_LOCAL_AUTHORIZATION_TOKEN", "", "when set, credentials routes require this Authorization header"),
-    ("ECS_LOCAL_AUTHORIZATION_TOKEN_FILE", "", "file holding that token"),
-    ("ECS_LOCAL_MAX_CONNECTIONS", "512", "concurrent connections served; more get a quick 503"),
-)
-
 
 class ConfigError(Exception):
     """A setting that cannot be used: reported as one line at start-up."""
 
 
-@dataclass(frozen=True)
-class Config:
-    port: int = 80
-    bind: str = "0.0.0.0"
-    shared_token_expiration: float = 750.0
-    sts_endpoint: str | None = None
-    iam_endpoint: str | None = None
-    docker_host: str = "unix:///var/run/docker.sock"
-    cluster_arn: str = "ecs-local-cluster"
-    task_arn: str | None = None
-    task_family: str | None = None
-    task_revision: str = "1"
-    launch_type: str = "EC2"
-    availability_zone: str | None = None
-    task_tags: dict[str, str] = field(default_factory=dict)
-    container_instance_tags: dict[str, str] = field(default_factory=dict)
-    container_metadata_path: str | None = None
-    task_metadata_path: str | None = None
-    own_container: str | None = None
-    hostname: str | None = None
-    allowed_callers: tuple[IPNetwork, ...] | None = None
-    authorization_token: str | None = field(default=None, repr=False)
-    max_connections: int = 512
+# Parsers of setting values: text from the environment -> value, or ValueError saying why not.
+
+def integer(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+
+
+def port_number(text: str) -> int:
+    port = integer(text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range")
+    return port
+
+
+def positive(text: str) -> int:
+    number = integer(text)
+    if number < 1:
+        raise ValueError(f"{number} is not a positive number")
+    return number
+
+
+def boolean(text: str) -> bool:
+    word = text.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
+
+
+def choice(*words: str) -> Callable[[str], str]:
+    """A parser accepting one of words, in any case."""
+    def parse(text: str) -> str:
+        word = text.strip().upper()
+        if word not in words:
+            raise ValueError(f"{text!r} is not one of {', '.join(words)}")
+        return word
+    parse.__name__ = "choice"
+    return parse
 
 
 def parse_duration(text: str) -> float:
@@ -141,81 +132,205 @@ def parse_duration(text: str) -> float:
         return float(text)
     parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text)
     if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError(text)
+        raise ValueError(f"{text!r} is not a duration")
     scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
     return sum(float(n) * scale[u] for n, u in parts)
 
 
-def parse_tags(name: str, text: str) -> dict[str, str]:
+def parse_tags(text: str) -> dict[str, str]:
     tags = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"{name}: {item!r} is not key=value")
+            raise ValueError(f"{item!r} is not key=value")
         tags[key.strip()] = value.strip()
     return tags
 
 
-def parse_networks(name: str, text: str) -> tuple[IPNetwork, ...]:
-    try:
-        return tuple(ipaddress.ip_network(part.strip(), strict=False)
-                     for part in text.split(",") if part.strip())
-    except ValueError as exc:
-        raise ConfigError(f"{name}: {exc}") from None
+def parse_networks(text: str) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip())
 
 
-def first_env(environ: dict[str, str], *names: str) -> str | None:
-    return next((environ[n] for n in names if environ.get(n)), None)
-
-
-def with_scheme(url: str | None) -> str | None:
+def endpoint_url(text: str) -> str:
     """The original accepted bare host names as endpoints; boto3 wants a URL."""
-    if url and "://" not in url:
-        return "https://" + url
-    return url
+    return text if "://" in text else "https://" + text
 
 
-def find_docker_host(environ: dict[str, str]) -> str:
-    """DOCKER_HOST, else the first socket that exists of the usual places."""
-    if environ.get("DOCKER_HOST"):
-        host = environ["DOCKER_HOST"]
-        if not host.startswith(("unix://", "tcp://", "http://")):
-            raise ConfigError(f"DOCKER_HOST={host!r}: expected unix://PATH or tcp://HOST:PORT")
-        return host
-    home = os.path.expanduser("~")
-    runtime = environ.get("XDG_RUNTIME_DIR")
-    candidates = ["/var/run/docker.sock", f"{home}/.docker/run/docker.sock"]
-    if runtime:
-        candidates.append(f"{runtime}/docker.sock")
-    candidates += [f"{home}/.colima/default/docker.sock", "/run/podman/podman.sock"]
-    if runtime:
-        candidates.append(f"{runtime}/podman/podman.sock")
-    found = next((path for path in candidates if os.path.exists(path)), candidates[0])
-    return "unix://" + found
+def docker_host(text: str) -> str:
+    if not text.startswith(("unix://", "tcp://", "http://")):
+        raise ValueError(f"{text!r}: expected unix://PATH or tcp://HOST:PORT")
+    return text
 
 
-def read_token(environ: dict[str, str]) -> str | None:
-    if environ.get("ECS_LOCAL_AUTHORIZATION_TOKEN"):
-        return environ["ECS_LOCAL_AUTHORIZATION_TOKEN"]
-    path = environ.get("ECS_LOCAL_AUTHORIZATION_TOKEN_FILE")
-    if not path:
-        return None
+def token_file(path: str) -> str:
+    """A readable, non-empty file; CallerPolicy reads the token from it."""
+    read_token_file(path)
+    return path
+
+
+def read_token_file(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
             token = f.read().strip()
     except OSError as exc:
-        raise ConfigError(f"ECS_LOCAL_AUTHORIZATION_TOKEN_FILE: {path}: {exc.strerror}") from None
+        raise ValueError(f"{path}: {exc.strerror}") from None
     if not token:
-        raise ConfigError(f"ECS_LOCAL_AUTHORIZATION_TOKEN_FILE: {path} is empty")
+        raise ValueError(f"{path} is empty")
     return token
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: the only definition of its default, parser and meaning.
+
+    load_config(), --help, the command-line flags and the README's settings table are all
+    made from SETTINGS.
+    """
+    name: str
+    field: str | None              # the Config attribute it fills; None when read elsewhere
+    default: str                   # as written in the environment; "" means unset (None)
+    parse: Callable[[str], Any]
+    help: str
+    aliases: tuple[str, ...] = ()  # other variables read, in order, when this one is unset
+    shown_default: str = ""        # what to show when the default is worked out at run time
+    lenient: bool = False          # a bad value warns and the default applies, as in the original
+    flag: str = ""                 # a command-line flag that overrides the variable
+    origin: str = "new"            # how it relates to the original's settings
+
+    def meaning(self) -> str:
+        return self.help + (f" (also read: {', '.join(self.aliases)})" if self.aliases else "")
+
+    def read(self, environ: Mapping[str, str], args: argparse.Namespace | None = None) -> Any:
+        """This setting's value: its flag's, else the environment's, else the default's."""
+        given = getattr(args, self.flag[2:].replace("-", "_"), None) if self.flag and args else None
+        text = given if given is not None else next(
+            (environ[n] for n in (self.name, *self.aliases) if environ.get(n)), self.default)
+        if not text:
+            return None
+        try:
+            return self.parse(text)
+        except ValueError as exc:
+            if not self.lenient:
+                raise ConfigError(f"{self.flag if given is not None else self.name}: {exc}") from None
+            log.warning("%s=%r: %s; using %s", self.name, text, exc, self.default)
+            return self.parse(self.default)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("ECS_LOCAL_METADATA_PORT", "port", "80", port_number, "TCP port to listen on",
+            flag="--port", origin="original"),
+    Setting("ECS_LOCAL_BIND_ADDRESS", "bind", "0.0.0.0", str, "address to listen on; '::' serves IPv4 and IPv6",
+            flag="--bind"),
+    Setting("ECS_LOCAL_LOG_LEVEL", None, "INFO", choice("DEBUG", "INFO", "WARNING", "ERROR"),
+            "DEBUG, INFO, WARNING or ERROR", flag="--log-level"),
+    Setting("AWS_PROFILE", None, "", str,
+            "profile of ~/.aws/config and ~/.aws/credentials; the whole boto3 credential chain applies",
+            origin="original (which used the Go SDK's chain)"),
+    Setting("SHARED_TOKEN_EXPIRATION", "shared_token_expiration", "750s", parse_duration,
+            "lifetime given to base credentials that are already temporary and carry no expiry of "
+            "their own ('750s', '15m', '1h', or seconds; a bad value warns and the default applies)",
+            lenient=True, origin="original"),
+    Setting("STS_ENDPOINT", "sts_endpoint", "", endpoint_url, "STS endpoint URL, first set wins",
+            aliases=("STS_CUSTOM_ENDPOINT", "AWS_ENDPOINT_URL_STS", "AWS_ENDPOINT_URL"),
+            origin="original; the others are new (STS_CUSTOM_ENDPOINT appeared in the original's example)"),
+    Setting("IAM_ENDPOINT", "iam_endpoint", "", endpoint_url, "IAM endpoint URL, first set wins",
+            aliases=("IAM_CUSTOM_ENDPOINT", "AWS_ENDPOINT_URL_IAM", "AWS_ENDPOINT_URL"),
+            origin="as STS_ENDPOINT"),
+    Setting("DOCKER_HOST", "docker_host", "", docker_host,
+            "the Docker Engine: unix://PATH, or tcp://HOST:PORT (plain HTTP, no TLS)",
+            shown_default="the first that exists of /var/run/docker.sock, ~/.docker/run/docker.sock "
+                          "(Docker Desktop), $XDG_RUNTIME_DIR/docker.sock (rootless), "
+                          "~/.colima/default/docker.sock, /run/podman/podman.sock, "
+                          "$XDG_RUNTIME_DIR/podman/podman.sock",
+            origin="Docker's standard variable, which the original's Docker client read too"),
+    Setting("CLUSTER_ARN", "cluster_arn", "ecs-local-cluster", str, "Cluster in task metadata",
+            origin="original"),
+    Setting("TASK_ARN", "task_arn", "", str, "TaskARN",
+            shown_default="one stable ARN per compose project; outside compose the original's fixed default",
+            origin="original, which used its fixed default for every task"),
+    Setting("TASK_DEFINITION_FAMILY", "task_family", "", str, "Family",
+            shown_default="the compose project, else ecs-local-task-definition",
+            origin="original (its default was esc-local-task-definition)"),
+    Setting("TASK_DEFINITION_REVISION", "task_revision", "1", str, "Revision", origin="original"),
+    Setting("LAUNCH_TYPE", "launch_type", "EC2", choice("EC2", "FARGATE", "EXTERNAL"),
+            "LaunchType (v4): EC2, FARGATE or EXTERNAL"),
+    Setting("AVAILABILITY_ZONE", "availability_zone", "", str, "AvailabilityZone",
+            shown_default="region of the task ARN + a"),
+    Setting("TASK_TAGS", "task_tags", "", parse_tags, "TaskTags on the WithTags routes, as k=v,k2=v2",
+            aliases=("TASK_TAGS_VAR",), origin="TASK_TAGS_VAR is the original's name"),
+    Setting("CONTAINER_INSTANCE_TAGS", "container_instance_tags", "", parse_tags,
+            "ContainerInstanceTags on the WithTags routes, as k=v,k2=v2", origin="original"),
+    Setting("CONTAINER_METADATA_PATH", "container_metadata_path", "", str,
+            "JSON file deep-merged over every container response (the file wins; re-read when it changes)",
+            origin="original"),
+    Setting("TASK_METADATA_PATH", "task_metadata_path", "", str,
+            "JSON file deep-merged over every task response", origin="original"),
+    Setting("ECS_LOCAL_CONTAINER_ID", "own_container", "", str,
+            "name or ID of the container this server runs in (left out of tasks; callers are matched "
+            "on its networks)", shown_default="found from HOSTNAME or /proc"),
+    Setting("HOSTNAME", "hostname", "", str,
+            "set by Docker to the container's short ID: one way to find the server's own container",
+            origin="Docker's"),
+    Setting("ECS_LOCAL_ALLOWED_CALLERS", "allowed_callers", "", parse_networks,
+            "comma-separated CIDRs allowed to fetch credentials; replaces the default",
+            shown_default="loopback, link-local and the engine's bridge subnets"),
+    Setting("ECS_LOCAL_AUTHORIZATION_TOKEN", "authorization_token", "", str,
+            "when set, credentials routes require this Authorization header"),
+    Setting("ECS_LOCAL_AUTHORIZATION_TOKEN_FILE", "authorization_token_file", "", token_file,
+            "file holding that token"),
+    Setting("ECS_LOCAL_MAX_CONNECTIONS", "max_connections", "512", positive,
+            "concurrent connections served; more get a quick 503"),
+)
+
+
+def setting(name: str) -> Setting:
+    return next(s for s in SETTINGS if s.name == name)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The settings' values, as load_config() reads them: each default is written once, in SETTINGS."""
+    port: int
+    bind: str
+    shared_token_expiration: float
+    sts_endpoint: str | None
+    iam_endpoint: str | None
+    docker_host: str | None
+    cluster_arn: str
+    task_arn: str | None
+    task_family: str | None
+    task_revision: str
+    launch_type: str
+    availability_zone: str | None
+    task_tags: dict[str, str] | None
+    container_instance_tags: dict[str, str] | None
+    container_metadata_path: str | None
+    task_metadata_path: str | None
+    own_container: str | None
+    hostname: str | None
+    allowed_callers: tuple[IPNetwork, ...] | None
+    authorization_token: str | None = field(repr=False)
+    authorization_token_file: str | None
+    max_connections: int
+
+
 def settings_help() -> str:
-    width = max(len(name) for name, _, _ in SETTINGS)
+    width = max(len(s.name) for s in SETTINGS)
     lines = ["settings (environment variables):"]
-    for name, default, meaning in SETTINGS:
-        lines.append(f"  {name:<{width}}  {meaning}" + (f" [default: {default}]" if default else ""))
+    for s in SETTINGS:
+        default = s.shown_default or s.default
+        lines.append(f"  {s.name:<{width}}  {s.meaning()}" + (f" ({s.flag})" if s.flag else "")
+                     + (f" [default: {default}]" if default else ""))
     return "\n".join(lines)
+
+
+def settings_table() -> str:
+    """The README's settings table (a test keeps the two equal)."""
+    rows = ["| Environment variable | Flag | Default | Meaning | Compatibility |", "|---|---|---|---|---|"]
+    for s in SETTINGS:
+        default = s.shown_default or (f"`{s.default}`" if s.default else "")
+        rows.append(f"| `{s.name}` | {f'`{s.flag}`' if s.flag else ''} | {default} | {s.meaning()} | {s.origin} |")
+    return "\n".join(rows)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -224,10 +339,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Amazon ECS local container endpoints: credentials and task metadata for "
                     "containers running on your machine.",
         epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--port", type=int, help="port to listen on (ECS_LOCAL_METADATA_PORT, default 80)")
-    parser.add_argument("--bind", help="address to listen on (ECS_LOCAL_BIND_ADDRESS, default 0.0.0.0)")
-    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper,
-                        help="logging level (ECS_LOCAL_LOG_LEVEL, default INFO)")
+    for s in SETTINGS:
+        if s.flag:
+            parser.add_argument(s.flag, help=f"{s.help} ({s.name}, default {s.default})")
     parser.add_argument("--generate-token", action="store_true",
                         help="print a random token for ECS_LOCAL_AUTHORIZATION_TOKEN and exit")
     parser.add_argument("--health-check", action="store_true",
@@ -236,52 +350,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def log_level(args: argparse.Namespace, environ: dict[str, str]) -> str:
-    return args.log_level or (environ.get("ECS_LOCAL_LOG_LEVEL") or "INFO").upper()
+def log_level(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
+    return setting("ECS_LOCAL_LOG_LEVEL").read(environ, args)
 
 
-def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Config:
-    """Settings from the command line, then the environment, then defaults."""
-    try:
-        port = args.port if args.port is not None else int(environ.get("ECS_LOCAL_METADATA_PORT") or 80)
-        max_connections = int(environ.get("ECS_LOCAL_MAX_CONNECTIONS") or 512)
-    except ValueError as exc:
-        raise ConfigError(f"not a number: {exc}") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"port {port} is out of range")
-    expiration_text = environ.get("SHARED_TOKEN_EXPIRATION") or "750s"
-    try:
-        expiration = parse_duration(expiration_text)
-    except ValueError:
-        log.warning("SHARED_TOKEN_EXPIRATION=%r is not a duration; using 750s", expiration_text)
-        expiration = 750.0
-    allowed = environ.get("ECS_LOCAL_ALLOWED_CALLERS")
-    return Config(
-        port=port,
-        bind=args.bind or environ.get("ECS_LOCAL_BIND_ADDRESS") or "0.0.0.0",
-        shared_token_expiration=expiration,
-        sts_endpoint=with_scheme(first_env(environ, "STS_ENDPOINT", "STS_CUSTOM_ENDPOINT",
-                                           "AWS_ENDPOINT_URL_STS", "AWS_ENDPOINT_URL")),
-        iam_endpoint=with_scheme(first_env(environ, "IAM_ENDPOINT", "IAM_CUSTOM_ENDPOINT",
-                                           "AWS_ENDPOINT_URL_IAM", "AWS_ENDPOINT_URL")),
-        docker_host=find_docker_host(environ),
-        cluster_arn=environ.get("CLUSTER_ARN") or "ecs-local-cluster",
-        task_arn=environ.get("TASK_ARN") or None,
-        task_family=environ.get("TASK_DEFINITION_FAMILY") or None,
-        task_revision=environ.get("TASK_DEFINITION_REVISION") or "1",
-        launch_type=environ.get("LAUNCH_TYPE") or "EC2",
-        availability_zone=environ.get("AVAILABILITY_ZONE") or None,
-        task_tags=parse_tags("TASK_TAGS", first_env(environ, "TASK_TAGS", "TASK_TAGS_VAR") or ""),
-        container_instance_tags=parse_tags("CONTAINER_INSTANCE_TAGS",
-                                           environ.get("CONTAINER_INSTANCE_TAGS", "")),
-        container_metadata_path=environ.get("CONTAINER_METADATA_PATH") or None,
-        task_metadata_path=environ.get("TASK_METADATA_PATH") or None,
-        own_container=environ.get("ECS_LOCAL_CONTAINER_ID") or None,
-        hostname=environ.get("HOSTNAME") or None,
-        allowed_callers=parse_networks("ECS_LOCAL_ALLOWED_CALLERS", allowed) if allowed else None,
-        authorization_token=read_token(environ),
-        max_connections=max_connections,
-    )
+def load_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
+    """Every setting from its flag, else the environment, else its default in SETTINGS."""
+    return Config(**{s.field: s.read(environ, args) for s in SETTINGS if s.field})
+
+
+def default_config() -> Config:
+    """Every setting at its default (no environment, no command line)."""
+    return load_config(parse_args([]), {})
 
 
 class JsonOverride:
@@ -346,9 +426,18 @@ def deep_merge(base: Any, override: Any) -> Any:
     return copy.deepcopy(override)
 
 
+@dataclass
+class Response:
+    """What a handler may return when a JSON body with 200 is not enough."""
+    body: bytes = b""
+    status: int = 200
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
 class ApiError(Exception):
     """An answer other than 200, sent as {"code", "message", "HTTPErrorCode"}: one JSON shape
-    for every error the server gives."""
+    for every error the server gives (a subclass may give a route family its own shape)."""
 
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
@@ -359,6 +448,9 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"code": self.code, "message": self.message, "HTTPErrorCode": self.status}
+
+    def response(self) -> Response:
+        return Response(json.dumps(self.body()).encode(), self.status, headers=self.headers)
 
 
 # ---------------------------------------------------------------------------
@@ -386,16 +478,41 @@ def choose_api_version(server: dict) -> str:
     return f"{chosen[0]}.{chosen[1]}"
 
 
+def default_docker_host(environ: Mapping[str, str]) -> str:
+    """The first socket that exists of the usual places (DOCKER_HOST unset)."""
+    home = os.path.expanduser("~")
+    runtime = environ.get("XDG_RUNTIME_DIR")
+    candidates = ["/var/run/docker.sock", f"{home}/.docker/run/docker.sock"]
+    if runtime:
+        candidates.append(f"{runtime}/docker.sock")
+    candidates += [f"{home}/.colima/default/docker.sock", "/run/podman/podman.sock"]
+    if runtime:
+        candidates.append(f"{runtime}/podman/podman.sock")
+    found = next((path for path in candidates if os.path.exists(path)), candidates[0])
+    return "unix://" + found
+
+
+def parse_docker_time(text: str | None) -> datetime | None:
+    """Docker's RFC 3339 times (nanoseconds are cut to microseconds); None for its zero time."""
+    if not text or text.startswith("0001-01-01"):
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None
+
+
 class DockerClient:
-    """The Docker Engine API over its socket; every call has a timeout."""
+    """The Docker Engine API over its socket: the only class that calls Docker.
+
+    Every call is one of the named methods below, each with a timeout.
+    """
 
     def __init__(self, host: str):
         self.host = host
         if host.startswith("unix://"):
-            self.socket = host[len("unix://"):]
-            self.base = "http+unix://" + quote(self.socket, safe="")
+            self.base = "http+unix://" + quote(host[len("unix://"):], safe="")
         else:
-            self.socket = host
             self.base = "http://" + host.split("://", 1)[1]
         self._session = self._new_session()
         self._session_lock = threading.Lock()   # one connection: calls on it take turns
@@ -417,10 +534,39 @@ class DockerClient:
                         "mounted (-v /var/run/docker.sock:/var/run/docker.sock)? Set DOCKER_HOST to "
                         "use another socket")
 
+    # -- the calls -----------------------------------------------------------
+
+    def version(self) -> dict:
+        """GET /version, unversioned, on a connection of its own (no turn to wait for)."""
+        with contextlib.closing(self._new_session()) as session:
+            return self._call(session, self.base + "/version")
+
+    def containers(self) -> list[dict]:
+        """Summaries of every container, stopped ones included."""
+        return self._get("/containers/json", {"all": "1"})
+
+    def inspect(self, container_id: str) -> dict:
+        """docker inspect of one container; LookupError once it is gone."""
+        return self._get(f"/containers/{quote(container_id, safe='')}/json")
+
+    def networks(self) -> list[dict]:
+        return self._get("/networks")
+
+    def events(self, since: int, until: int, read_timeout: float) -> Iterator[dict]:
+        """Container and network events from since until until (Docker then ends the stream)."""
+        return self._stream("/events", {"filters": json.dumps({"type": ["container", "network"]}),
+                                        "since": str(since), "until": str(until)}, read_timeout)
+
+    def stats(self, container_id: str) -> Iterator[dict]:
+        """One container's stats, a sample a second, until it stops."""
+        return self._stream(f"/containers/{quote(container_id, safe='')}/stats", {"stream": "1"},
+                            DOCKER_TIMEOUT)
+
+    # -- plumbing ------------------------------------------------------------
+
     def _url(self, path: str) -> str:
         if self.api_version is None:
-            with contextlib.closing(self._new_session()) as session:   # no turn to wait for
-                self.api_version = choose_api_version(self._call(session, self.base + "/version"))
+            self.api_version = choose_api_version(self.version())
             log.info("Docker Engine at %s, API version %s", self.host, self.api_version)
         return f"{self.base}/v{self.api_version}{path}"
 
@@ -445,7 +591,7 @@ class DockerClient:
         except ValueError:
             raise ApiError(502, "DockerError", "the Docker Engine sent a reply that is not JSON") from None
 
-    def get(self, path: str, params: dict | None = None) -> Any:
+    def _get(self, path: str, params: dict | None = None) -> Any:
         """GET a JSON document; LookupError for a 404 (e.g. a container just removed)."""
         url = self._url(path)
         if not self._session_lock.acquire(timeout=DOCKER_TIMEOUT):
@@ -455,8 +601,7 @@ class DockerClient:
         finally:
             self._session_lock.release()
 
-    def stream(self, path: str, params: dict | None = None, read_timeout: float | None = None
-               ) -> Iterator[dict]:
+    def _stream(self, path: str, params: dict, read_timeout: float) -> Iterator[dict]:
         """The JSON objects of a streaming endpoint (events, stats), on a connection of its own.
 
         The connection is open when this returns, so nothing sent after that is missed.
@@ -566,14 +711,13 @@ class ContainerView:
             if after and self._synced and self._sync_started >= after:
                 return self._snapshot
             self._sync_started = time.monotonic()
-            listed = self.docker.get("/containers/json", {"all": "1"})
             containers = {}
-            for summary in listed:
+            for summary in self.docker.containers():
                 try:
-                    containers[summary["Id"]] = self.docker.get(f"/containers/{summary['Id']}/json")
+                    containers[summary["Id"]] = self.docker.inspect(summary["Id"])
                 except LookupError:
                     pass   # removed between list and inspect
-            networks = {n["Id"]: n for n in self.docker.get("/networks")}
+            networks = {n["Id"]: n for n in self.docker.networks()}
             with self._write_lock:
                 self._snapshot = Snapshot(containers, networks,
                                           health_transitions(self._snapshot.health, containers))
@@ -589,7 +733,7 @@ class ContainerView:
 
     def _refresh_container(self, container_id: str) -> None:
         try:
-            data = self.docker.get(f"/containers/{container_id}/json")
+            data = self.docker.inspect(container_id)
         except LookupError:
             data = None
         with self._write_lock:
@@ -602,7 +746,7 @@ class ContainerView:
                                       health_transitions(self._snapshot.health, containers))
 
     def _refresh_networks(self) -> None:
-        networks = {n["Id"]: n for n in self.docker.get("/networks")}
+        networks = {n["Id"]: n for n in self.docker.networks()}
         with self._write_lock:
             self._snapshot = Snapshot(self._snapshot.containers, networks, self._snapshot.health)
 
@@ -628,11 +772,9 @@ class ContainerView:
         """
         while True:
             try:
-                events = self.docker.stream(
-                    "/events", {"filters": json.dumps({"type": ["container", "network"]}),
-                                "since": str(int(time.time())),
-                                "until": str(int(time.time() + self.RESYNC_SECONDS))},
-                    read_timeout=self.RESYNC_SECONDS + 30)
+                now = int(time.time())
+                events = self.docker.events(since=now, until=now + int(self.RESYNC_SECONDS),
+                                            read_timeout=self.RESYNC_SECONDS + 30)
                 with contextlib.closing(events):
                     self.sync()   # after the stream opened, so no change falls in between
                     for event in events:
@@ -826,7 +968,10 @@ def aws_error(exc: Exception, action: str, profile: str | None) -> ApiError:
 
 
 class AwsIdentity:
-    """The developer's identity from boto3's credential chain, and the STS/IAM clients on it."""
+    """The developer's identity from boto3's credential chain: the only class that calls AWS.
+
+    Every STS and IAM call is one of the named methods below.
+    """
 
     def __init__(self, config: Config):
         self.config = config
@@ -884,7 +1029,22 @@ class AwsIdentity:
         expiry = getattr(credentials, "_expiry_time", None)
         return frozen, expiry, credentials.method
 
-    def client(self, service: str) -> Any:
+    # -- the calls -----------------------------------------------------------
+
+    def get_session_token(self, duration: int) -> dict:
+        """sts:GetSessionToken: the reply's Credentials."""
+        return self._client("sts").get_session_token(DurationSeconds=duration)["Credentials"]
+
+    def get_role(self, name: str) -> dict:
+        """iam:GetRole: the reply's Role."""
+        return self._client("iam").get_role(RoleName=name)["Role"]
+
+    def assume_role(self, arn: str, session_name: str, duration: int) -> dict:
+        """sts:AssumeRole: the reply's Credentials."""
+        return self._client("sts").assume_role(RoleArn=arn, RoleSessionName=session_name,
+                                               DurationSeconds=duration)["Credentials"]
+
+    def _client(self, service: str) -> Any:
         """One STS and one IAM client, made once credentials resolve (they may appear later)."""
         with self._lock:
             if service not in self._clients:
@@ -944,7 +1104,7 @@ class CredentialVendor:
         return self._cached("session:" + frozen.access_key, self._get_session_token)
 
     def _get_session_token(self) -> Credentials:
-        reply = self.identity.client("sts").get_session_token(DurationSeconds=3600)["Credentials"]
+        reply = self.identity.get_session_token(3600)
         return Credentials(reply["AccessKeyId"], reply["SecretAccessKey"], reply["SessionToken"],
                            reply["Expiration"])
 
@@ -958,8 +1118,8 @@ class CredentialVendor:
             with self._locks("role-name:" + name):
                 arn = self._role_arns.get(name)
                 if arn is None:
-                    reply = self._call("GetRole", lambda: self.identity.client("iam").get_role(RoleName=name))
-                    arn = self._role_arns[name] = reply["Role"]["Arn"]
+                    role = self._call("GetRole", lambda: self.identity.get_role(name))
+                    arn = self._role_arns[name] = role["Arn"]
         return self._assume(arn)
 
     def role_arn(self, arn: str) -> Credentials:
@@ -973,9 +1133,7 @@ class CredentialVendor:
         name = arn.rsplit("/", 1)[-1]
 
         def assume() -> Credentials:
-            reply = self.identity.client("sts").assume_role(
-                RoleArn=arn, RoleSessionName=f"ecs-local-{name}"[:64], DurationSeconds=ASSUME_ROLE_SECONDS)
-            c = reply["Credentials"]
+            c = self.identity.assume_role(arn, f"ecs-local-{name}"[:64], ASSUME_ROLE_SECONDS)
             return Credentials(c["AccessKeyId"], c["SecretAccessKey"], c["SessionToken"], c["Expiration"],
                                role_arn=arn)
         return self._cached("role:" + arn, assume)
@@ -1038,7 +1196,8 @@ class CallerPolicy:
 
     def __init__(self, config: Config, view: ContainerView):
         self._explicit = config.allowed_callers
-        self._token = config.authorization_token
+        self._token = config.authorization_token or (
+            read_token_file(config.authorization_token_file) if config.authorization_token_file else None)
         self._view = view
 
     def allowed_networks(self) -> tuple[IPNetwork, ...]:
@@ -1065,7 +1224,6 @@ class CallerPolicy:
 # ---------------------------------------------------------------------------
 
 TASK_ID_NAMESPACE = uuid.UUID("4d7c1b0e-7a7e-4f41-9d38-0d4a7e2f3c10")
-ZERO_TIME = "0001-01-01T00:00:00Z"
 
 
 @dataclass(frozen=True)
@@ -1116,12 +1274,12 @@ def cluster_name(cluster: str) -> str:
 
 def utc(timestamp: str | None) -> str | None:
     """Docker's RFC 3339 time in UTC with a Z, or None for Docker's zero time."""
-    if not timestamp or timestamp.startswith("0001-01-01"):
+    moment = parse_docker_time(timestamp)
+    if moment is None:
         return None
     if timestamp.endswith("Z"):
-        return timestamp
-    moment = datetime.fromisoformat(timestamp).astimezone(timezone.utc)
-    return moment.isoformat().replace("+00:00", "Z")
+        return timestamp   # Docker's own text keeps its nanoseconds
+    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def known_status(state: dict) -> str:
@@ -1305,8 +1463,8 @@ def task_metadata(members: list[dict], version: int, task: TaskIdentity, config:
         doc["Limits"] = task_limits
     doc["AvailabilityZone"] = task.availability_zone
     if with_tags:
-        doc["TaskTags"] = dict(config.task_tags)
-        doc["ContainerInstanceTags"] = dict(config.container_instance_tags)
+        doc["TaskTags"] = dict(config.task_tags or {})
+        doc["ContainerInstanceTags"] = dict(config.container_instance_tags or {})
     if version >= 4:
         doc["LaunchType"] = task.launch_type
         if task.service_name:
@@ -1319,15 +1477,6 @@ def task_metadata(members: list[dict], version: int, task: TaskIdentity, config:
 # ---------------------------------------------------------------------------
 
 STATS_WAIT_SECONDS = 2.5
-
-
-def parse_docker_time(text: str | None) -> datetime | None:
-    if not text or text.startswith("0001-01-01"):
-        return None
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        return None
 
 
 def network_rates(latest: dict, previous: dict | None) -> dict:
@@ -1358,8 +1507,7 @@ class StatsCollector:
 
     def _run(self) -> None:
         try:
-            for frame in self._docker.stream(f"/containers/{self.container_id}/stats", {"stream": "1"},
-                                             read_timeout=DOCKER_TIMEOUT):
+            for frame in self._docker.stats(self.container_id):
                 with self._changed:
                     self._samples = (self._samples[-1:] + (frame,))
                     self._changed.notify_all()
@@ -1436,25 +1584,28 @@ def stats_document(sample: tuple[dict, dict | None], version: int) -> dict:
 # The route table and its handlers
 # ---------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass
 class Request:
-    method: str
-    path: str
-    params: dict[str, str]
+    params: dict[str, Any]      # the route's parameters, typed (version is an int)
     caller: IPAddress
-    authorization: str | None
-    received: float   # time.monotonic() when the request line arrived
+    headers: email.message.Message
+    received: float             # time.monotonic() when the request line arrived
+    body: bytes = b""           # only routes with body=True read one
+
+    @property
+    def authorization(self) -> str | None:
+        return self.headers.get("Authorization")
 
 
 class Endpoints:
-    """The handlers: one small method per route, each returning a JSON-able body, or
-    metadata already encoded as JSON bytes (memoized per Docker snapshot)."""
+    """The handlers: one small method per route, each returning a JSON-able body, metadata
+    already encoded as JSON bytes (memoized per Docker snapshot), or a Response."""
 
     def __init__(self, config: Config):
         self.config = config
         self.identity = AwsIdentity(config)
         self.vendor = CredentialVendor(self.identity, config)
-        self.docker = DockerClient(config.docker_host)
+        self.docker = DockerClient(config.docker_host or default_docker_host(os.environ))
         self.view = ContainerView(self.docker)
         self.stats = StatsHub(self.docker)
         self.policy = CallerPolicy(config, self.view)
@@ -1491,7 +1642,7 @@ class Endpoints:
     def _match(self, snapshot: Snapshot, request: Request) -> tuple[list[dict], str | None]:
         """Containers the request names (or whose address it comes from); memoized when found."""
         identifier = request.params.get("ident")
-        key = ("match", identifier or str(request.caller))
+        key = ("match", "ident", identifier) if identifier else ("match", "caller", str(request.caller))
         if key not in snapshot.memo:
             own = find_own_container(snapshot, self._own_candidates)
             own_id = own["Id"] if own else None
@@ -1544,7 +1695,7 @@ class Endpoints:
         return payload
 
     def container(self, request: Request) -> bytes:
-        version = int(request.params["version"])
+        version = request.params["version"]
         snapshot, caller, _ = self._locate(request)
         return self._memoized(snapshot, ("container", version, caller["Id"]), lambda: self._container_doc(
             snapshot, caller, version, self._task_identity(caller)))
@@ -1556,7 +1707,7 @@ class Endpoints:
         return self._task(request, with_tags=True)
 
     def _task(self, request: Request, with_tags: bool) -> bytes:
-        version = int(request.params["version"])
+        version = request.params["version"]
         snapshot, caller, own_id = self._locate(request)
 
         def build() -> dict:
@@ -1575,11 +1726,11 @@ class Endpoints:
         if sample is None:
             raise ApiError(503, "StatsUnavailable",
                            f"Docker sent no stats for {container_name(caller)} within {STATS_WAIT_SECONDS} s")
-        return stats_document(sample, int(request.params["version"]))
+        return stats_document(sample, request.params["version"])
 
     def task_stats(self, request: Request) -> dict:
         """Full Docker ID -> stats for the task's containers; null (v2/v3) or {} (v4) when unavailable."""
-        version = int(request.params["version"])
+        version = request.params["version"]
         snapshot, caller, own_id = self._locate(request)
         members = task_members(snapshot, caller, own_id)
         samples = self.stats.samples([c["Id"] for c in members if c["State"].get("Running")])
@@ -1591,34 +1742,72 @@ class Endpoints:
 @dataclass(frozen=True)
 class Route:
     method: str
-    pattern: re.Pattern
+    rule: str
     handler: Callable[[Endpoints, Request], Any]
-    guarded: bool = False   # hands out credentials: CallerPolicy applies
+    guarded: bool                 # hands out credentials: CallerPolicy applies
+    body: bool                    # takes a request body
+    pattern: re.Pattern
+    converters: dict[str, Callable[[str], Any]]
 
 
-def route(method: str, pattern: str, handler: Callable[[Endpoints, Request], Any], guarded: bool = False
-          ) -> Route:
-    return Route(method, re.compile(pattern, re.DOTALL), handler, guarded)
+# Words that name a route under /v3 and /v4, so never a container identifier.
+RESERVED_WORDS = ("task", "taskWithTags", "stats", "containers")
+
+SEGMENT_PATTERNS = {
+    "": r"[^/]+",                 # {name}: one path segment
+    "path": r".+",                # {name:path}: the rest of the path, slashes included
+    "container": rf"(?!(?:{'|'.join(RESERVED_WORDS)})(?:/|$))[^/]+",   # {name:container}
+}
 
 
-# v3/v4 base: /vN, /vN/containers/{ident} (the original's form) or /vN/{ident} (ECS's form).
-_META = r"/v(?P<version>[34])(?:(?:/containers)?/(?P<ident>(?!(?:task|taskWithTags|stats|containers)(?:/|$))[^/]+))?"
+def compile_rule(rule: str) -> tuple[re.Pattern, dict[str, Callable[[str], Any]]]:
+    """A route rule as a regex and a converter per parameter.
+
+    '{name}', '{name:path}' and '{name:container}' are as in SEGMENT_PATTERNS; '{name:3|4}'
+    is one of the words (an int when they are all digits); '[...]' is an optional part.
+    """
+    converters: dict[str, Callable[[str], Any]] = {}
+    pattern = []
+    for piece in re.split(r"(\{[^}]*\}|\[|\])", rule):
+        if piece == "[":
+            pattern.append("(?:")
+        elif piece == "]":
+            pattern.append(")?")
+        elif piece.startswith("{"):
+            name, _, kind = piece[1:-1].partition(":")
+            if kind in SEGMENT_PATTERNS:
+                pattern.append(f"(?P<{name}>{SEGMENT_PATTERNS[kind]})")
+                converters[name] = str
+            else:
+                words = kind.split("|")
+                pattern.append(f"(?P<{name}>{'|'.join(map(re.escape, words))})")
+                converters[name] = int if all(w.isdigit() for w in words) else str
+        else:
+            pattern.append(re.escape(piece))
+    return re.compile("".join(pattern), re.DOTALL), converters
+
+
+def route(method: str, rule: str, handler: Callable[[Endpoints, Request], Any], guarded: bool = False,
+          body: bool = False) -> Route:
+    return Route(method, rule, handler, guarded, body, *compile_rule(rule))
+
 
 ROUTES: tuple[Route, ...] = (
-    route("GET", r"/creds", Endpoints.creds, guarded=True),
-    route("GET", r"/role/(?P<name>[^/]+)", Endpoints.role, guarded=True),
-    route("GET", r"/role-arn/(?P<arn>.+)", Endpoints.role_arn, guarded=True),
-    route("GET", r"/health", Endpoints.health),
-    route("GET", r"/v(?P<version>2)/metadata", Endpoints.task),
-    route("GET", r"/v(?P<version>2)/metadataWithTags", Endpoints.task_with_tags),
-    route("GET", r"/v(?P<version>2)/metadata/(?P<ident>[^/]+)", Endpoints.container),
-    route("GET", r"/v(?P<version>2)/stats", Endpoints.task_stats),
-    route("GET", r"/v(?P<version>2)/stats/(?P<ident>[^/]+)", Endpoints.container_stats),
-    route("GET", _META, Endpoints.container),
-    route("GET", _META + r"/task", Endpoints.task),
-    route("GET", _META + r"/taskWithTags", Endpoints.task_with_tags),
-    route("GET", _META + r"/stats", Endpoints.container_stats),
-    route("GET", _META + r"/task/stats", Endpoints.task_stats),
+    route("GET", "/creds", Endpoints.creds, guarded=True),
+    route("GET", "/role/{name}", Endpoints.role, guarded=True),
+    route("GET", "/role-arn/{arn:path}", Endpoints.role_arn, guarded=True),
+    route("GET", "/health", Endpoints.health),
+    route("GET", "/v{version:2}/metadata", Endpoints.task),
+    route("GET", "/v{version:2}/metadataWithTags", Endpoints.task_with_tags),
+    route("GET", "/v{version:2}/metadata/{ident}", Endpoints.container),
+    route("GET", "/v{version:2}/stats", Endpoints.task_stats),
+    route("GET", "/v{version:2}/stats/{ident}", Endpoints.container_stats),
+    # v3 and v4: /vN (the caller), /vN/{ident} (ECS's form), /vN/containers/{ident} (the original's).
+    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]", Endpoints.container),
+    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/task", Endpoints.task),
+    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/taskWithTags", Endpoints.task_with_tags),
+    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/stats", Endpoints.container_stats),
+    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/task/stats", Endpoints.task_stats),
 )
 
 
@@ -1629,14 +1818,15 @@ def normalize_path(target: str) -> str:
     return path.rstrip("/") or "/"
 
 
-def resolve(method: str, path: str) -> tuple[Route, dict[str, str]]:
+def resolve(method: str, path: str) -> tuple[Route, dict[str, Any]]:
     """The route for a request, or 404 / 405 (with Allow) as ApiError."""
     allowed = set()
     for candidate in ROUTES:
         match = candidate.pattern.fullmatch(path)
         if match:
             if method in (candidate.method, "HEAD" if candidate.method == "GET" else None):
-                return candidate, {k: v for k, v in match.groupdict().items() if v is not None}
+                return candidate, {name: candidate.converters[name](value)
+                                   for name, value in match.groupdict().items() if value is not None}
             allowed.add(candidate.method)
     if allowed:
         allow = ", ".join(sorted(allowed | ({"HEAD"} if "GET" in allowed else set())))
@@ -1649,6 +1839,8 @@ def resolve(method: str, path: str) -> tuple[Route, dict[str, str]]:
 # ---------------------------------------------------------------------------
 
 CLIENT_TIMEOUT = 5.0   # the ECS agent's read and write timeouts
+MAX_BODY = 64 * 1024
+SERVER_NAME = f"local-endpoints/{VERSION}"
 
 
 def printable(text: str, limit: int) -> str:
@@ -1661,11 +1853,30 @@ def error_phrase(status: int) -> str:
     return HTTPStatus(status).phrase.replace(" ", "").replace("-", "")
 
 
+def as_response(result: Any) -> Response:
+    """A handler's result as a Response: JSON-able objects and encoded JSON answer 200."""
+    if isinstance(result, Response):
+        return result
+    return Response(result if isinstance(result, bytes) else json.dumps(result).encode())
+
+
+def encode_response(response: Response, close: bool, head_only: bool = False) -> bytes:
+    """The whole HTTP/1.1 response as one piece of bytes: every answer is written by this."""
+    lines = [f"HTTP/1.1 {response.status} {HTTPStatus(response.status).phrase}", f"Server: {SERVER_NAME}",
+             f"Date: {email.utils.formatdate(usegmt=True)}", f"Content-Type: {response.content_type}",
+             f"Content-Length: {len(response.body)}"]
+    lines += [f"{name}: {value}" for name, value in response.headers.items()]
+    if close:
+        lines.append("Connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + response.body
+
+
 class RequestHandler(BaseHTTPRequestHandler):
     """One connection: HTTP/1.1 keep-alive, JSON everywhere, one access-log line per request."""
 
     protocol_version = "HTTP/1.1"
-    server_version = f"local-endpoints/{VERSION}"
+    server_version = SERVER_NAME
     sys_version = ""
     disable_nagle_algorithm = True    # no 40 ms Nagle + delayed-ACK stall on keep-alive
     server: EndpointsServer
@@ -1701,52 +1912,63 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.server.deadlines.pop(self, None)
 
     def dispatch(self) -> None:
+        self.write_response(self.answer())
+
+    def answer(self) -> Response:
+        """The route's answer to this request, errors included."""
         endpoints = self.server.endpoints
         path = normalize_path(self.path)
-        status, body, headers = 200, None, {}
+        body_sent = self.headers.get("Content-Length", "0").strip() not in ("", "0") or \
+            "Transfer-Encoding" in self.headers
+        keep_alive = not self.close_connection
+        if body_sent:
+            self.close_connection = True   # unless the route reads the body
         try:
-            if self.headers.get("Content-Length", "0").strip() not in ("", "0") or \
-                    "Transfer-Encoding" in self.headers:
-                self.close_connection = True   # the body is left unread
-                raise ApiError(413, "RequestBodyNotAccepted", "these routes take no request body")
             chosen, params = resolve(self.command, path)
-            request = Request(self.command, path, params, plain_ip(self.client_address[0]),
-                              self.headers.get("Authorization"), self._started)
+            body = b""
+            if body_sent:
+                if not chosen.body:
+                    raise ApiError(413, "RequestBodyNotAccepted", "this route takes no request body")
+                body = self.read_body()
+                self.close_connection = not keep_alive
+            request = Request(params, plain_ip(self.client_address[0]), self.headers, self._started, body)
             if chosen.guarded:
                 endpoints.policy.check(request.caller, request.authorization)
-            body = chosen.handler(endpoints, request)
+            return as_response(chosen.handler(endpoints, request))
         except ApiError as exc:
-            status, body, headers = exc.status, exc.body(), exc.headers
+            return exc.response()
         except Exception:
             log.exception("error in %s %s", self.command, printable(path, 200))
-            error = ApiError(500, "InternalError", "internal error in local-endpoints; see its log")
-            status, body = error.status, error.body()
-        self.respond(status, body, headers)
+            return ApiError(500, "InternalError", "internal error in local-endpoints; see its log").response()
 
-    def respond(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-        """Status line, headers and body in one write: no Nagle + delayed-ACK stall, one syscall.
+    def read_body(self) -> bytes:
+        """A request body of at most MAX_BODY bytes, which must arrive within CLIENT_TIMEOUT."""
+        if "Transfer-Encoding" in self.headers:
+            raise ApiError(411, "LengthRequired", "send the body with a Content-Length")
+        try:
+            length = int(self.headers["Content-Length"])
+        except ValueError:
+            raise ApiError(400, "BadRequest", "Content-Length is not a number") from None
+        if not 0 <= length <= MAX_BODY:
+            raise ApiError(413, "RequestBodyTooLarge", f"the body may have at most {MAX_BODY} bytes")
+        self.server.deadlines[self] = time.monotonic() + CLIENT_TIMEOUT
+        body = self.rfile.read(length)
+        if self.server.deadlines.pop(self, None) is None or len(body) < length:
+            raise ConnectionAbortedError("request body cut short")
+        return body
 
-        body is a JSON-able object, or bytes already encoded (cached metadata).
-        """
-        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-        lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Server: {self.server_version}",
-                 f"Date: {self.date_time_string()}", "Content-Type: application/json",
-                 f"Content-Length: {len(payload)}"]
-        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-        if self.close_connection:
-            lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    def write_response(self, response: Response) -> None:
+        """Status line, headers and body in one write: no Nagle + delayed-ACK stall, one syscall."""
         self.server.deadlines[self] = time.monotonic() + CLIENT_TIMEOUT   # a client that never reads
-        self.wfile.write(head if self.command == "HEAD" else head + payload)
+        self.wfile.write(encode_response(response, self.close_connection, head_only=self.command == "HEAD"))
         self.server.deadlines.pop(self, None)
-        self.log_access(status)
+        self.log_access(response.status)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (400, 414, 431, 501, 505) as our JSON body, not HTML."""
         self.close_connection = True
         status = int(code)
-        self.respond(status, {"code": error_phrase(status), "message": message or HTTPStatus(status).phrase,
-                              "HTTPErrorCode": status})
+        self.write_response(ApiError(status, error_phrase(status), message or HTTPStatus(status).phrase).response())
 
     def log_access(self, status: int) -> None:
         # Only method, path (no query), status, time and address: never headers.
@@ -1816,11 +2038,10 @@ class EndpointsServer(ThreadingHTTPServer):
 
     def _refuse(self, request: socket.socket) -> None:
         """Too many connections: a quick 503 from the accepting thread, no new thread."""
-        body = json.dumps(ApiError(503, "TooManyConnections", "too many open connections; retry").body())
+        refusal = ApiError(503, "TooManyConnections", "too many open connections; retry").response()
         try:
             request.settimeout(0.2)
-            request.sendall((f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}").encode())
+            request.sendall(encode_response(refusal, close=True))
         except OSError:
             pass
         self.shutdown_request(request)
@@ -1845,7 +2066,7 @@ def configure_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
-def health_check(args: argparse.Namespace, environ: dict[str, str]) -> int:
+def health_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """GET /health of the server these settings describe: 0 if it answers 200, else 1."""
     config = load_config(args, environ)
     host, port = ("127.0.0.1" if config.bind in ("0.0.0.0", "::") else config.bind), config.port
@@ -1864,11 +2085,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.generate_token:
         print(secrets.token_urlsafe(32))
         return 0
-    configure_logging(log_level(args, dict(os.environ)))   # before load_config: it may warn
     try:
+        configure_logging(log_level(args, os.environ))   # before load_config: it may warn
         if args.health_check:
-            return health_check(args, dict(os.environ))
-        config = load_config(args, dict(os.environ))
+            return health_check(args, os.environ)
+        config = load_config(args, os.environ)
         endpoints = Endpoints(config)
     except ConfigError as exc:
         print(f"local-endpoints: {exc}", file=sys.stderr)
@@ -1888,7 +2109,7 @@ def main(argv: list[str] | None = None) -> int:
     source = endpoints.identity.resolve_at_startup()
     log.info("local-endpoints %s on %s port %d; credentials: %s, region %s, STS %s, IAM %s; Docker %s",
              VERSION, config.bind, server.server_port, source, endpoints.identity.region,
-             config.sts_endpoint or "default", config.iam_endpoint or "default", config.docker_host)
+             config.sts_endpoint or "default", config.iam_endpoint or "default", endpoints.docker.host)
     endpoints.view.start()
 
     stop = threading.Event()

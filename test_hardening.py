@@ -723,23 +723,21 @@ class ShortLivedSts:
         self.down = False
         self.calls = 0
 
-    def client(self, service: str):
-        return self
-
-    def assume_role(self, RoleArn: str, RoleSessionName: str, DurationSeconds: int) -> dict:
+    def assume_role(self, arn: str, session_name: str, duration: int) -> dict:
+        """AwsIdentity.assume_role: the reply's Credentials."""
         self.calls += 1
         if self.down:
             raise botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9/")
-        return {"Credentials": {
+        return {
             "AccessKeyId": f"ASIAFAKE{self.calls:08d}",
             "SecretAccessKey": f"fake-secret-{self.calls:08d}",
             "SessionToken": f"fake-token-{self.calls:08d}",
-            "Expiration": datetime.now(timezone.utc) + timedelta(seconds=self.lifetime)}}
+            "Expiration": datetime.now(timezone.utc) + timedelta(seconds=self.lifetime)}
 
 
 def test_sts_outage_after_expiry_gives_502_then_recovers():
     sts = ShortLivedSts(lifetime=2.0)
-    vendor = local_endpoints.CredentialVendor(sts, local_endpoints.Config())
+    vendor = local_endpoints.CredentialVendor(sts, local_endpoints.default_config())
     arn = "arn:aws:iam::123456789012:role/app"
     first = vendor.role_arn(arn)
     sts.down = True

@@ -100,8 +100,8 @@ def run_cli(*args, env=None, timeout=20):
 def test_help_documents_every_setting_and_version():
     result = run_cli("--help")
     assert result.returncode == 0
-    for name, _, _ in le.SETTINGS:
-        assert name in result.stdout, name
+    for setting in le.SETTINGS:
+        assert setting.name in result.stdout, setting.name
     for flag in ("--port", "--bind", "--log-level", "--generate-token", "--version"):
         assert flag in result.stdout
     version = run_cli("--version")
@@ -574,21 +574,21 @@ def test_parse_duration_rejects(text):
     ("/creds", le.Endpoints.creds, {}),
     ("/role/x", le.Endpoints.role, {"name": "x"}),
     ("/role-arn/arn:aws:iam::1:role/a/b", le.Endpoints.role_arn, {"arn": "arn:aws:iam::1:role/a/b"}),
-    ("/v4", le.Endpoints.container, {"version": "4"}),
-    ("/v4/web", le.Endpoints.container, {"version": "4", "ident": "web"}),
-    ("/v3/containers/web", le.Endpoints.container, {"version": "3", "ident": "web"}),
-    ("/v4/task", le.Endpoints.task, {"version": "4"}),
-    ("/v4/web/task", le.Endpoints.task, {"version": "4", "ident": "web"}),
-    ("/v4/containers/web/taskWithTags", le.Endpoints.task_with_tags, {"version": "4", "ident": "web"}),
-    ("/v4/stats", le.Endpoints.container_stats, {"version": "4"}),
-    ("/v3/web/stats", le.Endpoints.container_stats, {"version": "3", "ident": "web"}),
-    ("/v4/task/stats", le.Endpoints.task_stats, {"version": "4"}),
-    ("/v4/web/task/stats", le.Endpoints.task_stats, {"version": "4", "ident": "web"}),
-    ("/v2/metadata", le.Endpoints.task, {"version": "2"}),
-    ("/v2/metadata/abc", le.Endpoints.container, {"version": "2", "ident": "abc"}),
-    ("/v2/metadataWithTags", le.Endpoints.task_with_tags, {"version": "2"}),
-    ("/v2/stats", le.Endpoints.task_stats, {"version": "2"}),
-    ("/v2/stats/abc", le.Endpoints.container_stats, {"version": "2", "ident": "abc"}),
+    ("/v4", le.Endpoints.container, {"version": 4}),
+    ("/v4/web", le.Endpoints.container, {"version": 4, "ident": "web"}),
+    ("/v3/containers/web", le.Endpoints.container, {"version": 3, "ident": "web"}),
+    ("/v4/task", le.Endpoints.task, {"version": 4}),
+    ("/v4/web/task", le.Endpoints.task, {"version": 4, "ident": "web"}),
+    ("/v4/containers/web/taskWithTags", le.Endpoints.task_with_tags, {"version": 4, "ident": "web"}),
+    ("/v4/stats", le.Endpoints.container_stats, {"version": 4}),
+    ("/v3/web/stats", le.Endpoints.container_stats, {"version": 3, "ident": "web"}),
+    ("/v4/task/stats", le.Endpoints.task_stats, {"version": 4}),
+    ("/v4/web/task/stats", le.Endpoints.task_stats, {"version": 4, "ident": "web"}),
+    ("/v2/metadata", le.Endpoints.task, {"version": 2}),
+    ("/v2/metadata/abc", le.Endpoints.container, {"version": 2, "ident": "abc"}),
+    ("/v2/metadataWithTags", le.Endpoints.task_with_tags, {"version": 2}),
+    ("/v2/stats", le.Endpoints.task_stats, {"version": 2}),
+    ("/v2/stats/abc", le.Endpoints.container_stats, {"version": 2, "ident": "abc"}),
     ("/health", le.Endpoints.health, {}),
 ])
 def test_route_table(path, handler, params):
@@ -649,7 +649,7 @@ def test_credentials_response_format():
 
 
 def test_cache_serves_a_valid_entry_when_sts_fails_and_warns(caplog):
-    vendor = le.CredentialVendor(FakeIdentity(), le.Config())
+    vendor = le.CredentialVendor(FakeIdentity(), le.default_config())
     vendor._cache["k"] = make_credentials(12)   # inside the refresh window, still valid
 
     def failing():
@@ -664,7 +664,7 @@ def test_cache_serves_a_valid_entry_when_sts_fails_and_warns(caplog):
 
 
 def test_cache_refreshes_ahead_in_the_background():
-    vendor = le.CredentialVendor(FakeIdentity(), le.Config())
+    vendor = le.CredentialVendor(FakeIdentity(), le.default_config())
     vendor._cache["k"] = make_credentials(25)   # fresh enough to serve, old enough to refresh
     calls = []
     refreshed = threading.Event()
@@ -680,7 +680,87 @@ def test_cache_refreshes_ahead_in_the_background():
 
 
 def test_cache_reuses_entries_with_more_than_twenty_minutes_left():
-    vendor = le.CredentialVendor(FakeIdentity(), le.Config())
+    vendor = le.CredentialVendor(FakeIdentity(), le.default_config())
     vendor._cache["k"] = make_credentials(19)
     assert vendor._cached("k", lambda: make_credentials(60, "AKIDNEW")).access_key_id == "AKIDNEW"
     assert vendor._cached("k", lambda: pytest.fail("must not refetch")).access_key_id == "AKIDNEW"
+
+
+# ---------------------------------------------------------------------------
+# One definition per setting; route rules; lookups (in process, no Docker)
+# ---------------------------------------------------------------------------
+
+def test_readme_settings_table_is_made_from_the_definitions():
+    readme = (REPO_ROOT / "README.md").read_text()
+    table = readme.split("<!-- settings:begin -->\n", 1)[1].split("\n<!-- settings:end -->", 1)[0]
+    assert table == le.settings_table(), (
+        "README's settings table differs from SETTINGS; regenerate it with "
+        "python3 -c 'import local_endpoints as le; print(le.settings_table())'")
+
+
+def test_every_config_field_has_exactly_one_setting():
+    fields = [s.field for s in le.SETTINGS if s.field]
+    assert sorted(fields) == sorted(le.Config.__dataclass_fields__) and len(set(fields)) == len(fields)
+    defaults = le.default_config()
+    assert defaults.shared_token_expiration == 750.0 and defaults.port == 80 and defaults.task_tags is None
+
+
+def test_settings_come_from_flag_then_variable_then_alias_then_default():
+    args = le.parse_args(["--port", "8080"])
+    config = le.load_config(args, {"ECS_LOCAL_METADATA_PORT": "9090", "AWS_ENDPOINT_URL": "sts.local:1",
+                                   "TASK_TAGS_VAR": "a=1"})
+    assert config.port == 8080 and config.sts_endpoint == "https://sts.local:1" and config.task_tags == {"a": "1"}
+    assert le.load_config(le.parse_args([]), {"ECS_LOCAL_METADATA_PORT": "9090"}).port == 9090
+    with pytest.raises(le.ConfigError, match="ECS_LOCAL_MAX_CONNECTIONS"):
+        le.load_config(le.parse_args([]), {"ECS_LOCAL_MAX_CONNECTIONS": "0"})
+    with pytest.raises(le.ConfigError, match="--port"):
+        le.load_config(le.parse_args(["--port", "70000"]), {})
+
+
+@pytest.mark.parametrize("rule,path,params", [
+    ("/a/{x}", "/a/b", {"x": "b"}),
+    ("/a/{x}", "/a/b/c", None),
+    ("/a/{x:path}", "/a/b/c", {"x": "b/c"}),
+    ("/v{n:3|4}", "/v4", {"n": 4}),
+    ("/v{n:3|4}", "/v5", None),
+    ("/k/{w:on|off}", "/k/on", {"w": "on"}),
+    ("/v{n:3}[/{id:container}]", "/v3", {"n": 3}),
+    ("/v{n:3}[/{id:container}]", "/v3/web", {"n": 3, "id": "web"}),
+    ("/v{n:3}[/{id:container}]", "/v3/task", None),
+    ("/v{n:3}[/{id:container}]", "/v3/tasks", {"n": 3, "id": "tasks"}),
+    ("/v{n:3}[[/containers]/{id:container}]/x", "/v3/containers/web/x", {"n": 3, "id": "web"}),
+    ("/a.b", "/aXb", None),
+])
+def test_route_rules(rule, path, params):
+    pattern, converters = le.compile_rule(rule)
+    match = pattern.fullmatch(path)
+    if params is None:
+        assert match is None
+    else:
+        assert {k: converters[k](v) for k, v in match.groupdict().items() if v is not None} == params
+
+
+def fake_container(name: str, address: str) -> dict:
+    return {"Id": le.uuid.uuid5(le.TASK_ID_NAMESPACE, name).hex * 2, "Name": "/" + name, "Created": "",
+            "State": {"Running": True, "Status": "running"}, "Config": {"Labels": {}},
+            "NetworkSettings": {"Networks": {"bridge": {"NetworkID": "n1", "IPAddress": address}}}}
+
+
+def test_lookup_by_identifier_is_not_confused_with_lookup_by_address():
+    """/v4/10.0.0.5 names a container "10.0.0.5", which does not exist, even after the container
+    at 10.0.0.5 asked /v4 (the two lookups once shared a memo key)."""
+    endpoints = le.Endpoints(le.default_config())
+    web = fake_container("web", "10.0.0.5")
+    snapshot = le.Snapshot({web["Id"]: web}, {})
+    endpoints.view._snapshot, endpoints.view._synced = snapshot, True
+    endpoints.view.sync = lambda after=0.0: snapshot   # the resync after a miss finds the same
+
+    def locate(params: dict) -> dict:
+        request = le.Request(params, le.plain_ip("10.0.0.5"), le.email.message.Message(), time.monotonic())
+        return endpoints._locate(request)[1]
+
+    assert locate({"version": 4})["Id"] == web["Id"]
+    with pytest.raises(le.ApiError) as missing:
+        locate({"version": 4, "ident": "10.0.0.5"})
+    assert missing.value.status == 404 and missing.value.code == "ContainerNotFound"
+    assert locate({"version": 4, "ident": "web"})["Id"] == web["Id"]
