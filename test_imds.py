@@ -373,7 +373,7 @@ def test_botocore_named_role_in_a_container(start_server, bridge, secrets):
     result = bridge.botocore(server.port)
     assert result["method"] == "iam-role", result
     assert result["access_key"] == vended_key(server, "/role/" + ROLE, secrets)
-    assert ":assumed-role/{ROLE}/" in result["arn"], result
+    assert f":assumed-role/{ROLE}/" in result["arn"], result
 
 
 @pytest.mark.parametrize("role", [None, "arn"])
@@ -383,7 +383,7 @@ def test_aws_cli_in_a_container(start_server, bridge, secrets, role):
     identity = bridge.aws_cli(server.port)
     assert identity["Account"] == "123456789012"
     if role:
-        assert ":assumed-role/{ROLE}/" in identity["Arn"], identity
+        assert f":assumed-role/{ROLE}/" in identity["Arn"], identity
     else:
         assert ":assumed-role/" not in identity["Arn"], identity
     assert "GET /latest/meta-data/iam/security-credentials/" in server.log()

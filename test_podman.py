@@ -342,7 +342,7 @@ def test_view_follows_podman_events(fleet, server, podman):
     assert wait_for(lambda: len(get_json(server, f"/v4/{name}")["Networks"]) == 1, 5, 0.1)
 
     # A container on a network created after the server started: allowed to fetch credentials.
-    newcomer = podman.run("--name", f"{name}-2", "--network", network, IMAGE, *SLEEP)
+    newcomer = podman.run("--name", f"le-pod-{fleet.token}-newcomer", "--network", network, IMAGE, *SLEEP)
     pid = podman.inspect(newcomer)["State"]["Pid"]
     status, creds = fetch_inside(pid, f"http://10.89.77.1:{server.port}/creds")
     assert status == 200, creds
@@ -385,3 +385,14 @@ def test_task_stats(fleet, server):
     for cid in v4:
         assert v4[cid]["id"] == v3[cid]["id"] == cid
         assert "network_rate_stats" in v4[cid] and "network_rate_stats" not in v3[cid]
+
+
+def test_stats_end_when_the_container_stops(fleet, server, podman):
+    name = f"le-pod-{fleet.token}-brief"
+    cid = podman.run("--name", name, IMAGE, *SLEEP)
+    assert get_json(server, f"/v4/{name}/stats")["id"] == cid
+    collectors = get_json(server, "/health")["statsCollectors"]
+    podman.cli("stop", "--time", "0", cid)
+    assert wait_for(lambda: get_json(server, "/health")["statsCollectors"] == collectors - 1, 5, 0.1)
+    assert get_json(server, f"/v4/{name}/stats", expect=503)["code"] == "StatsUnavailable"
+    assert "Traceback" not in server.log()
