@@ -168,6 +168,13 @@ def token_file(path: str) -> str:
     return path
 
 
+def role_name_or_arn(text: str) -> str:
+    if not (ROLE_NAME.fullmatch(text) or ROLE_ARN.fullmatch(text)):
+        raise ValueError(f"{text!r} is neither an IAM role name nor a role ARN "
+                         "(arn:aws:iam::123456789012:role/NAME)")
+    return text
+
+
 def read_token_file(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
@@ -280,6 +287,13 @@ SETTINGS: tuple[Setting, ...] = (
             "file holding that token"),
     Setting("ECS_LOCAL_MAX_CONNECTIONS", "max_connections", "512", positive,
             "concurrent connections served; more get a quick 503"),
+    Setting("ECS_LOCAL_IMDS", "imds", "AUTO", choice("AUTO", "ON", "OFF"),
+            "the IMDSv2-compatible credentials routes (/latest/...): ON, OFF, or AUTO: on unless an "
+            "authorization token is set (SDKs send IMDS none)"),
+    Setting("ECS_LOCAL_IMDS_ROLE", "imds_role", "", role_name_or_arn,
+            "the role whose credentials IMDS hands out, by name or ARN", shown_default="those of /creds"),
+    Setting("ECS_LOCAL_IMDS_V1", "imds_v1", "false", boolean,
+            "let IMDS callers in without a session token (IMDSv1)"),
 )
 
 
@@ -312,6 +326,9 @@ class Config:
     authorization_token: str | None = field(repr=False)
     authorization_token_file: str | None
     max_connections: int
+    imds: str
+    imds_role: str | None
+    imds_v1: bool
 
 
 def settings_help() -> str:
@@ -502,6 +519,18 @@ def parse_docker_time(text: str | None) -> datetime | None:
         return None
 
 
+def docker_stats(sample: dict) -> dict:
+    """Podman's stats in Docker's words: "id" (podman: "Id"), the name with Docker's slash,
+    and the network totals under eth0 (podman: "network", one total for every interface)."""
+    doc = {("id" if key == "Id" else key): value for key, value in sample.items()}
+    if doc.get("name") and not doc["name"].startswith("/"):
+        doc["name"] = "/" + doc["name"]
+    networks = doc.get("networks") or {}
+    if list(networks) == ["network"]:
+        doc["networks"] = {"eth0": networks["network"]}
+    return doc
+
+
 class DockerClient:
     """The Docker Engine API over its socket: the only class that calls Docker.
 
@@ -517,6 +546,7 @@ class DockerClient:
         self._session = self._new_session()
         self._session_lock = threading.Lock()   # one connection: calls on it take turns
         self.api_version: str | None = None
+        self.podman: str | None = None   # podman's version, when the engine is podman
 
     @staticmethod
     def _new_session() -> requests.Session:
@@ -547,7 +577,11 @@ class DockerClient:
 
     def inspect(self, container_id: str) -> dict:
         """docker inspect of one container; LookupError once it is gone."""
-        return self._get(f"/containers/{quote(container_id, safe='')}/json")
+        container = self._get(f"/containers/{quote(container_id, safe='')}/json")
+        state = container.get("State") or {}
+        if "Health" in state and not (state["Health"] or {}).get("Status"):
+            del state["Health"]   # podman's way of saying that there is no health check
+        return container
 
     def networks(self) -> list[dict]:
         return self._get("/networks")
@@ -559,16 +593,51 @@ class DockerClient:
 
     def stats(self, container_id: str) -> Iterator[dict]:
         """One container's stats, a sample a second, until it stops."""
-        return self._stream(f"/containers/{quote(container_id, safe='')}/stats", {"stream": "1"},
-                            DOCKER_TIMEOUT)
+        path = f"/containers/{quote(container_id, safe='')}/stats"
+        if self.api_version is None:
+            self._negotiate()
+        if self.podman:
+            return self._podman_stats(path)
+        return self._stream(path, {"stream": "1"}, DOCKER_TIMEOUT)
+
+    def _podman_stats(self, path: str) -> Iterator[dict]:
+        """Podman's stats as Docker streams them: a sample a second, each with the one before.
+
+        Podman 4 streams a sample every 5 s, the first with a pre-sample taken milliseconds
+        before it; so ask for one sample a second (stream=false answers at once), on a
+        connection of its own, and make each the next one's pre-sample.
+        """
+        session = self._new_session()
+        previous: dict | None = None
+        try:
+            while True:
+                started = time.monotonic()
+                sample = docker_stats(self._call(session, self._url(path), {"stream": "false"}))
+                if previous is not None:
+                    sample["preread"], sample["precpu_stats"] = previous["read"], previous["cpu_stats"]
+                yield sample
+                previous = sample
+                time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+        finally:
+            session.close()
 
     # -- plumbing ------------------------------------------------------------
 
     def _url(self, path: str) -> str:
         if self.api_version is None:
-            self.api_version = choose_api_version(self.version())
-            log.info("Docker Engine at %s, API version %s", self.host, self.api_version)
+            self._negotiate()
         return f"{self.base}/v{self.api_version}{path}"
+
+    def _negotiate(self) -> None:
+        version = self.version()
+        self.api_version = choose_api_version(version)
+        self.podman = next((c.get("Version", "?") for c in version.get("Components") or []
+                            if c.get("Name") == "Podman Engine"), None)
+        log.info("Docker Engine at %s, API version %s", self.host, self.api_version)
+        if self.podman:
+            log.info("podman %s: stats are asked for once a second (podman streams one every 5 s); their "
+                     "networks are one total under eth0 without packet counts; health checks run only where "
+                     "podman's systemd timers do", self.podman)
 
     def _call(self, session: requests.Session, url: str, params: dict | None = None,
               stream: bool = False, read_timeout: float | None = DOCKER_TIMEOUT) -> Any:
@@ -659,7 +728,8 @@ class Snapshot:
         return tuple(subnets)
 
 
-WATCHED_EVENTS = frozenset({"create", "start", "restart", "die", "destroy", "rename", "pause", "unpause",
+# "remove" is podman's "destroy".
+WATCHED_EVENTS = frozenset({"create", "start", "restart", "die", "destroy", "remove", "rename", "pause", "unpause",
                             "update", "health_status"})
 
 
@@ -744,6 +814,8 @@ class ContainerView:
                 containers[container_id] = data
             self._snapshot = Snapshot(containers, self._snapshot.networks,
                                       health_transitions(self._snapshot.health, containers))
+        if data is not None and outside_networks(data, self._snapshot.networks):
+            self._refresh_networks()
 
     def _refresh_networks(self) -> None:
         networks = {n["Id"]: n for n in self.docker.networks()}
@@ -756,8 +828,10 @@ class ContainerView:
         if event.get("Type") == "container" and action in WATCHED_EVENTS:
             self._refresh_container(actor["ID"])
         elif event.get("Type") == "network":
-            if action in ("connect", "disconnect") and (actor.get("Attributes") or {}).get("container"):
-                self._refresh_container(actor["Attributes"]["container"])
+            # Docker names the container in the attributes; podman makes it the actor.
+            container_id = (actor.get("Attributes") or {}).get("container") or actor.get("ID")
+            if action in ("connect", "disconnect") and container_id:
+                self._refresh_container(container_id)
             if action in ("create", "destroy", "remove"):
                 self._refresh_networks()
 
@@ -802,6 +876,21 @@ def container_ips(container: dict) -> dict[str, tuple[str, ...]]:
     return {endpoint.get("NetworkID", ""): tuple(endpoint[key] for key in ("IPAddress", "GlobalIPv6Address")
                                                  if endpoint.get(key))
             for endpoint in ((container.get("NetworkSettings") or {}).get("Networks") or {}).values()}
+
+
+def outside_networks(container: dict, networks: dict[str, dict]) -> bool:
+    """Whether the container has an address in none of the networks' subnets.
+
+    Podman sends no events for the networks it creates or removes: a container on a
+    network the view does not know yet is how the view learns that it must list them again.
+    """
+    subnets = []
+    for network in networks.values():
+        for conf in (network.get("IPAM") or {}).get("Config") or []:
+            with contextlib.suppress(KeyError, ValueError):
+                subnets.append(ipaddress.ip_network(conf["Subnet"], strict=False))
+    return any(not any(ipaddress.ip_address(address) in subnet for subnet in subnets)
+               for addresses in container_ips(container).values() for address in addresses)
 
 
 def own_container_candidates(config: Config) -> list[str]:
@@ -1035,6 +1124,10 @@ class AwsIdentity:
         """sts:GetSessionToken: the reply's Credentials."""
         return self._client("sts").get_session_token(DurationSeconds=duration)["Credentials"]
 
+    def get_caller_identity(self) -> dict:
+        """sts:GetCallerIdentity: Account, Arn, UserId."""
+        return self._client("sts").get_caller_identity()
+
     def get_role(self, name: str) -> dict:
         """iam:GetRole: the reply's Role."""
         return self._client("iam").get_role(RoleName=name)["Role"]
@@ -1205,18 +1298,89 @@ class CallerPolicy:
             return self._explicit
         return ALWAYS_ALLOWED + self._view.current().bridge_subnets
 
+    @property
+    def token_required(self) -> bool:
+        return self._token is not None
+
     def check(self, caller: IPAddress, authorization: str | None) -> None:
+        self.check_caller(caller)
+        if self._token is not None and not hmac.compare_digest(
+                (authorization or "").encode("utf-8", "surrogateescape"), self._token.encode("utf-8")):
+            raise ApiError(401, "Unauthorized",
+                           "missing or wrong Authorization header: set AWS_CONTAINER_AUTHORIZATION_TOKEN in "
+                           "the container to the server's ECS_LOCAL_AUTHORIZATION_TOKEN")
+
+    def check_caller(self, caller: IPAddress) -> None:
+        """The allowlist alone: IMDS callers send no Authorization header."""
         if not any(caller in network for network in self.allowed_networks()):
             log.warning("refused credentials to %s: not in the allowed callers", caller)
             raise ApiError(403, "CallerNotAllowed",
                            f"{caller} may not fetch credentials: allowed are loopback, link-local and the "
                            "Docker bridge networks; set ECS_LOCAL_ALLOWED_CALLERS (comma-separated CIDRs) "
                            "to change that")
-        if self._token is not None and not hmac.compare_digest(
-                (authorization or "").encode("utf-8", "surrogateescape"), self._token.encode("utf-8")):
-            raise ApiError(401, "Unauthorized",
-                           "missing or wrong Authorization header: set AWS_CONTAINER_AUTHORIZATION_TOKEN in "
-                           "the container to the server's ECS_LOCAL_AUTHORIZATION_TOKEN")
+
+
+# The EC2 instance metadata service's credentials, as SDKs fetch them at the end of their chain.
+
+IMDS_TOKEN_HEADER = "X-aws-ec2-metadata-token"
+IMDS_TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
+IMDS_MAX_TTL = 21600
+IMDS_DEFAULT_ROLE = "local-endpoints"
+
+
+class ImdsError(ApiError):
+    """An IMDS answer other than 200: a line of text, as EC2's IMDS answers. SDKs look only
+    at the status (botocore and the JS SDK fall back to IMDSv1 on a token PUT's 403, 404
+    or 405, give up on its 400, and treat any other status of a GET as a failed attempt)."""
+
+    @classmethod
+    def of(cls, error: ApiError) -> ImdsError:
+        return cls(error.status, error.code, error.message, error.headers)
+
+    def response(self) -> Response:
+        return Response(f"{self.status} {HTTPStatus(self.status).phrase}: {self.message}\n".encode(),
+                        self.status, "text/plain", self.headers)
+
+
+class ImdsTokens:
+    """IMDSv2 session tokens and when each expires.
+
+    As on EC2, any allowed caller may PUT for one. At most CAPACITY are kept (botocore
+    asks for a new token at every credentials refresh): when full, expired ones go,
+    then the oldest; its client gets a 401 and, as SDKs do, asks for another.
+    """
+
+    CAPACITY = 4096
+
+    def __init__(self):
+        self._expiry: dict[str, float] = {}   # token -> its time.monotonic() end, oldest first
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def issue(self, ttl: int) -> str:
+        token = secrets.token_urlsafe(32)
+        now = time.monotonic()
+        with self._lock:
+            if len(self._expiry) >= self.CAPACITY:
+                self._expiry = {t: end for t, end in self._expiry.items() if end > now}
+                while len(self._expiry) >= self.CAPACITY:
+                    del self._expiry[next(iter(self._expiry))]
+            self._expiry[token] = now + ttl
+        return token
+
+    def valid(self, token: str) -> bool:
+        end = self._expiry.get(token)
+        return end is not None and time.monotonic() < end
+
+
+def imds_document(credentials: dict) -> dict:
+    """EC2's credentials document, from the ECS agent's (/creds) one."""
+    return {"Code": "Success", "LastUpdated": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "Type": "AWS-HMAC", "AccessKeyId": credentials["AccessKeyId"],
+            "SecretAccessKey": credentials["SecretAccessKey"], "Token": credentials["Token"],
+            "Expiration": credentials["Expiration"]}
 
 
 # ---------------------------------------------------------------------------
@@ -1612,6 +1776,10 @@ class Endpoints:
         self.container_override = JsonOverride(config.container_metadata_path)
         self.task_override = JsonOverride(config.task_metadata_path)
         self._own_candidates = own_container_candidates(config)
+        self.imds_on = config.imds == "ON" or (config.imds == "AUTO" and not self.policy.token_required)
+        self.imds_role_name = (config.imds_role or IMDS_DEFAULT_ROLE).rsplit("/", 1)[-1]
+        self.imds_tokens = ImdsTokens()
+        self._imds_account: str | None = None
 
     # -- credentials ---------------------------------------------------------
 
@@ -1623,6 +1791,88 @@ class Endpoints:
 
     def role_arn(self, request: Request) -> dict:
         return self.vendor.role_arn(request.params["arn"]).response()
+
+    # -- IMDSv2: SDKs' last resort, at AWS_EC2_METADATA_SERVICE_ENDPOINT ------------
+
+    def imds_status(self) -> str:
+        """What the start-up log says of the IMDS routes."""
+        if not self.imds_on:
+            return ("IMDS off: an authorization token is set and SDKs send IMDS none; ECS_LOCAL_IMDS=ON "
+                    "serves IMDS to the allowed callers without it" if self.config.imds == "AUTO"
+                    else "IMDS off (ECS_LOCAL_IMDS=OFF)")
+        source = f"role {self.config.imds_role}" if self.config.imds_role else "the credentials of /creds"
+        tokens = "IMDSv1 allowed" if self.config.imds_v1 else "IMDSv2 session tokens required"
+        return f"IMDS on at /latest/: {source}, listed as role {self.imds_role_name}; {tokens}"
+
+    def _imds_admit(self, request: Request, session: bool = True) -> None:
+        """IMDS answers only when on, to allowed callers, and but for the token request itself
+        only with a live session token (or none at all where IMDSv1 is allowed)."""
+        if not self.imds_on:
+            raise ImdsError(404, "NotFound", "the IMDS routes are off: the server has an authorization token, "
+                                             "which SDKs do not send to IMDS; ECS_LOCAL_IMDS=ON turns them on")
+        try:
+            self.policy.check_caller(request.caller)
+        except ApiError as exc:
+            raise ImdsError.of(exc) from None
+        token = request.headers.get(IMDS_TOKEN_HEADER)
+        if session and not (token is None and self.config.imds_v1) and not (token and self.imds_tokens.valid(token)):
+            raise ImdsError(401, "Unauthorized", f"missing, unknown or expired {IMDS_TOKEN_HEADER}: "
+                                                 "PUT /latest/api/token for a new one")
+
+    def imds_token(self, request: Request) -> Response:
+        self._imds_admit(request, session=False)
+        if "X-Forwarded-For" in request.headers:
+            raise ImdsError(403, "Forbidden", "a token request that went through a proxy (X-Forwarded-For) "
+                                              "is refused, as on EC2")
+        ttl = (request.headers.get(IMDS_TTL_HEADER) or "").strip()
+        if not re.fullmatch(r"[0-9]{1,5}", ttl) or not 1 <= int(ttl) <= IMDS_MAX_TTL:
+            raise ImdsError(400, "BadRequest", f"{IMDS_TTL_HEADER} must be a whole number of seconds "
+                                               f"from 1 to {IMDS_MAX_TTL}")
+        return text_response(self.imds_tokens.issue(int(ttl)), {IMDS_TTL_HEADER: str(int(ttl))})
+
+    def imds_roles(self, request: Request) -> Response:
+        self._imds_admit(request)
+        return text_response(self.imds_role_name)
+
+    def imds_credentials(self, request: Request) -> Response:
+        self._imds_admit(request)
+        if request.params["name"] != self.imds_role_name:
+            raise ImdsError(404, "NotFound", f"no role {printable(request.params['name'], 100)!r} here; "
+                                             f"the role is {self.imds_role_name}")
+        return text_response(json.dumps(imds_document(self._imds_vend())))
+
+    def imds_placement(self, request: Request) -> Response:
+        self._imds_admit(request)
+        region = self.identity.region
+        return text_response(region if request.params["item"] == "region" else f"{region}a")
+
+    def imds_identity_document(self, request: Request) -> Response:
+        self._imds_admit(request)
+        region = self.identity.region
+        return text_response(json.dumps({"accountId": self._imds_account_id(), "availabilityZone": f"{region}a",
+                                         "region": region, "version": "2017-09-30"}, indent=2))
+
+    def _imds_vend(self) -> dict:
+        """The credentials IMDS hands out: ECS_LOCAL_IMDS_ROLE's, else those of /creds."""
+        role = self.config.imds_role
+        try:
+            if role is None:
+                return self.vendor.own().response()
+            return (self.vendor.role_arn(role) if role.startswith("arn:") else self.vendor.role(role)).response()
+        except ApiError as exc:
+            raise ImdsError.of(exc) from None
+
+    def _imds_account_id(self) -> str:
+        """The account of those credentials: the role's, else asked of STS once."""
+        role_arn = self._imds_vend()["RoleArn"]
+        if role_arn:
+            return role_arn.split(":")[4]
+        if self._imds_account is None:
+            try:
+                self._imds_account = self.identity.get_caller_identity()["Account"]
+            except Exception as exc:
+                raise ImdsError.of(aws_error(exc, "GetCallerIdentity", self.identity.profile)) from None
+        return self._imds_account
 
     # -- health --------------------------------------------------------------
 
@@ -1808,6 +2058,13 @@ ROUTES: tuple[Route, ...] = (
     route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/taskWithTags", Endpoints.task_with_tags),
     route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/stats", Endpoints.container_stats),
     route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/task/stats", Endpoints.task_stats),
+    # IMDSv2, for SDKs' default chain: Endpoints._imds_admit applies the caller allowlist and the
+    # session token (SDKs send IMDS no Authorization header, so these are not "guarded").
+    route("PUT", "/latest/api/token", Endpoints.imds_token),
+    route("GET", "/latest/meta-data/iam/security-credentials", Endpoints.imds_roles),
+    route("GET", "/latest/meta-data/iam/security-credentials/{name}", Endpoints.imds_credentials),
+    route("GET", "/latest/meta-data/placement/{item:region|availability-zone}", Endpoints.imds_placement),
+    route("GET", "/latest/dynamic/instance-identity/document", Endpoints.imds_identity_document),
 )
 
 
@@ -1851,6 +2108,11 @@ def printable(text: str, limit: int) -> str:
 
 def error_phrase(status: int) -> str:
     return HTTPStatus(status).phrase.replace(" ", "").replace("-", "")
+
+
+def text_response(text: str, headers: dict[str, str] | None = None) -> Response:
+    """200 with a text/plain body, as IMDS answers everything."""
+    return Response(text.encode(), content_type="text/plain", headers=headers or {})
 
 
 def as_response(result: Any) -> Response:
@@ -2110,6 +2372,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("local-endpoints %s on %s port %d; credentials: %s, region %s, STS %s, IAM %s; Docker %s",
              VERSION, config.bind, server.server_port, source, endpoints.identity.region,
              config.sts_endpoint or "default", config.iam_endpoint or "default", endpoints.docker.host)
+    log.info("%s", endpoints.imds_status())
     endpoints.view.start()
 
     stop = threading.Event()
