@@ -169,6 +169,7 @@ def token_file(path: str) -> str:
 
 
 def role_name_or_arn(text: str) -> str:
+    """An IAM role's name or ARN (ROLE_NAME and ROLE_ARN are defined with the credentials)."""
     if not (ROLE_NAME.fullmatch(text) or ROLE_ARN.fullmatch(text)):
         raise ValueError(f"{text!r} is neither an IAM role name nor a role ARN "
                          "(arn:aws:iam::123456789012:role/NAME)")
@@ -450,6 +451,11 @@ class Response:
     status: int = 200
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
+
+
+def text_response(text: str, headers: dict[str, str] | None = None) -> Response:
+    """200 with a text/plain body, as IMDS answers everything."""
+    return Response(text.encode(), content_type="text/plain", headers=headers or {})
 
 
 class ApiError(Exception):
@@ -1780,6 +1786,7 @@ class Endpoints:
         self.imds_role_name = (config.imds_role or IMDS_DEFAULT_ROLE).rsplit("/", 1)[-1]
         self.imds_tokens = ImdsTokens()
         self._imds_account: str | None = None
+        self._imds_document: tuple[tuple[str, str], bytes] | None = None   # (key, expiry) -> its document
 
     # -- credentials ---------------------------------------------------------
 
@@ -1815,7 +1822,9 @@ class Endpoints:
         except ApiError as exc:
             raise ImdsError.of(exc) from None
         token = request.headers.get(IMDS_TOKEN_HEADER)
-        if session and not (token is None and self.config.imds_v1) and not (token and self.imds_tokens.valid(token)):
+        if not session or (token is None and self.config.imds_v1):
+            return
+        if not (token and self.imds_tokens.valid(token)):
             raise ImdsError(401, "Unauthorized", f"missing, unknown or expired {IMDS_TOKEN_HEADER}: "
                                                  "PUT /latest/api/token for a new one")
 
@@ -1839,7 +1848,13 @@ class Endpoints:
         if request.params["name"] != self.imds_role_name:
             raise ImdsError(404, "NotFound", f"no role {printable(request.params['name'], 100)!r} here; "
                                              f"the role is {self.imds_role_name}")
-        return text_response(json.dumps(imds_document(self._imds_vend())))
+        credentials = self._imds_vend()
+        issued = (credentials["AccessKeyId"], credentials["Expiration"])
+        known = self._imds_document
+        if known is None or known[0] != issued:
+            # Encoded once per set of credentials: LastUpdated is when IMDS first had them, as on EC2.
+            known = self._imds_document = (issued, json.dumps(imds_document(credentials)).encode())
+        return Response(known[1], content_type="text/plain")
 
     def imds_placement(self, request: Request) -> Response:
         self._imds_admit(request)
@@ -2108,11 +2123,6 @@ def printable(text: str, limit: int) -> str:
 
 def error_phrase(status: int) -> str:
     return HTTPStatus(status).phrase.replace(" ", "").replace("-", "")
-
-
-def text_response(text: str, headers: dict[str, str] | None = None) -> Response:
-    """200 with a text/plain body, as IMDS answers everything."""
-    return Response(text.encode(), content_type="text/plain", headers=headers or {})
 
 
 def as_response(result: Any) -> Response:
