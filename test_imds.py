@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 import local_endpoints
-from conftest import Containers, free_port, wait_for
+from conftest import TEST_LABEL, Containers, free_port, wait_for
 
 ROLE = "le-imds-app"
 TOKEN_PATH = "/latest/api/token"
@@ -396,3 +396,34 @@ def test_clients_get_nothing_when_refused(start_server, bridge, secrets):
                   {"ECS_LOCAL_AUTHORIZATION_TOKEN": "le-imds-refused-0123456789abcdef"}):
         server = imds_server_on_host(start_server, bridge, **extra)
         assert bridge.botocore(server.port)["method"] is None
+
+
+# What README's "server on the host" recipe runs: the container resolves host.docker.internal
+# itself (--add-host ...:host-gateway) and busybox's nc and wget do what an SDK does.
+RECIPE_SCRIPT = r"""
+set -e
+base=http://host.docker.internal:$PORT
+token=$(printf 'PUT /latest/api/token HTTP/1.0\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\n\r\n' \
+        | nc host.docker.internal $PORT | tail -n 1)
+role=$(wget -q -O - --header "X-aws-ec2-metadata-token: $token" $base/latest/meta-data/iam/security-credentials/)
+echo "role=$role"
+wget -q -O - --header "X-aws-ec2-metadata-token: $token" $base/latest/meta-data/iam/security-credentials/$role
+echo
+wget -q -O - $base/v4
+"""
+
+
+def test_docker_run_recipe_with_host_gateway(start_server, bridge, docker_engine, busybox_image, secrets):
+    """docker run --add-host host.docker.internal:host-gateway: IMDS credentials, and metadata
+    by the caller's own address (on Linux the host sees the container's address)."""
+    server = imds_server_on_host(start_server, bridge)
+    network = docker_engine.inspect(bridge.app)["HostConfig"]["NetworkMode"]
+    name = Containers.name("le-imds-recipe")
+    proc = docker_engine.cli("run", "--rm", "--name", name, "--label", f"{TEST_LABEL}=1", "--network", network,
+                             "--add-host", "host.docker.internal:host-gateway", "-e", f"PORT={server.port}",
+                             busybox_image, "sh", "-c", RECIPE_SCRIPT, check=False)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr, server.log()[-2000:])
+    role_line, document, metadata = proc.stdout.strip().split("\n")
+    assert role_line == "role=local-endpoints"
+    assert list(registered(secrets, json.loads(document))) == IMDS_KEYS
+    assert json.loads(metadata)["DockerName"] == name

@@ -396,3 +396,28 @@ def test_stats_end_when_the_container_stops(fleet, server, podman):
     assert wait_for(lambda: get_json(server, "/health")["statsCollectors"] == collectors - 1, 5, 0.1)
     assert get_json(server, f"/v4/{name}/stats", expect=503)["code"] == "StatsUnavailable"
     assert "Traceback" not in server.log()
+
+
+# botocore's default chain, IMDS its only source, run in a podman container's network namespace.
+IMDS_CLIENT = """
+import json, botocore.session
+credentials = botocore.session.Session().get_credentials()
+print(json.dumps({"method": credentials and credentials.method,
+                  "access_key": credentials and credentials.get_frozen_credentials().access_key}))
+"""
+
+
+def test_imds_credentials_through_host_containers_internal(fleet, server, podman, tmp_path):
+    """Podman writes host.containers.internal into every container's /etc/hosts: at that
+    address (the host, as seen from the container) botocore gets credentials from IMDS."""
+    hosts = podman.cli("exec", fleet.ids["lone"], "cat", "/etc/hosts").stdout
+    host = next(line.split()[0] for line in hosts.splitlines() if "host.containers.internal" in line.split()[1:])
+    pid = podman.inspect(fleet.ids["lone"])["State"]["Pid"]
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LANG": "C.UTF-8",
+           "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+           "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://{host}:{server.port}/"}
+    proc = subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", sys.executable, "-c", IMDS_CLIENT], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"method": "iam-role", "access_key": TEMPORARY_KEYS["AWS_ACCESS_KEY_ID"]}
+    print(f"host.containers.internal is {host}")
