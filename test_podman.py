@@ -54,6 +54,9 @@ BUSY = ("sh", "-c", "while :; do :; done")
 COMPOSE_PROJECT = "com.docker.compose.project"
 COMPOSE_SERVICE = "com.docker.compose.service"
 
+# Not the shared Docker Engine, but a container engine all the same: -m 'not docker' leaves these out.
+pytestmark = pytest.mark.docker
+
 
 class Podman:
     """A rootful podman with storage, run directory and networks of its own under ``root``.
