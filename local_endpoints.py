@@ -641,9 +641,9 @@ class DockerClient:
                             if c.get("Name") == "Podman Engine"), None)
         log.info("Docker Engine at %s, API version %s", self.host, self.api_version)
         if self.podman:
-            log.info("podman %s: stats are asked for once a second (podman streams one every 5 s); their "
-                     "networks are one total under eth0 without packet counts; health checks run only where "
-                     "podman's systemd timers do", self.podman)
+            log.info("podman %s: stats asked for once a second (podman streams one every 5 s), their networks "
+                     "one total under eth0; health checks run only under systemd; DomainNameServers shows "
+                     "Docker's 127.0.0.11", self.podman)
 
     def _call(self, session: requests.Session, url: str, params: dict | None = None,
               stream: bool = False, read_timeout: float | None = DOCKER_TIMEOUT) -> Any:
@@ -1867,6 +1867,13 @@ class Endpoints:
         return text_response(json.dumps({"accountId": self._imds_account_id(), "availabilityZone": f"{region}a",
                                          "region": region, "version": "2017-09-30"}, indent=2))
 
+    def imds_not_found(self, request: Request) -> Response:
+        """Other IMDS paths (such as security-credentials-extended, which newer SDKs try first
+        and leave for security-credentials on a 404): EC2's kind of 404, in text."""
+        self._imds_admit(request)
+        raise ImdsError(404, "NotFound", "this server answers security-credentials, placement/region and "
+                                         "placement/availability-zone under /latest/meta-data/")
+
     def _imds_vend(self) -> dict:
         """The credentials IMDS hands out: ECS_LOCAL_IMDS_ROLE's, else those of /creds."""
         role = self.config.imds_role
@@ -2080,6 +2087,7 @@ ROUTES: tuple[Route, ...] = (
     route("GET", "/latest/meta-data/iam/security-credentials/{name}", Endpoints.imds_credentials),
     route("GET", "/latest/meta-data/placement/{item:region|availability-zone}", Endpoints.imds_placement),
     route("GET", "/latest/dynamic/instance-identity/document", Endpoints.imds_identity_document),
+    route("GET", "/latest/meta-data/{rest:path}", Endpoints.imds_not_found),
 )
 
 

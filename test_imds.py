@@ -179,6 +179,10 @@ def test_credentials_document_default_and_named_role(imds_server, moto, secrets)
     assert (doc["AccessKeyId"], doc["Expiration"]) == (creds["AccessKeyId"], creds["Expiration"])
     session = token(server.port, secrets=secrets)
     text_error(request(server.port, "GET", CREDENTIALS_PATH + "other-role", {TOKEN_HEADER: session}), 404)
+    # Newer JS, Ruby, Java and PHP SDKs ask for this first and fall back on its 404.
+    extended = "/latest/meta-data/iam/security-credentials-extended/"
+    text_error(request(server.port, "GET", extended, {TOKEN_HEADER: session}), 404)
+    text_error(request(server.port, "GET", extended), 401)
 
     for setting in (ROLE, arn):
         server = imds_server(ECS_LOCAL_IMDS_ROLE=setting)
@@ -427,3 +431,36 @@ def test_docker_run_recipe_with_host_gateway(start_server, bridge, docker_engine
     assert role_line == "role=local-endpoints"
     assert list(registered(secrets, json.loads(document))) == IMDS_KEYS
     assert json.loads(metadata)["DockerName"] == name
+
+
+WIRE_SCRIPT = """
+import http.client, json, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+def call(method, path, headers):
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.request(method, path, headers=headers)
+    response = conn.getresponse()
+    return response.status, response.getheader("Content-Type"), response.read().decode()
+put, creds = "/latest/api/token", "/latest/meta-data/iam/security-credentials/"
+result = {"no ttl": call("PUT", put, {}), "ttl 0": call("PUT", put, {"X-aws-ec2-metadata-token-ttl-seconds": "0"}),
+          "proxied": call("PUT", put, {"X-aws-ec2-metadata-token-ttl-seconds": "60", "X-Forwarded-For": "10.1.2.3"}),
+          "no token": call("GET", creds, {}), "wrong token": call("GET", creds, {"X-aws-ec2-metadata-token": "x"})}
+token = call("PUT", put, {"X-aws-ec2-metadata-token-ttl-seconds": "1"})[2]
+result["live token"] = call("GET", creds, {"X-aws-ec2-metadata-token": token})
+time.sleep(1.3)
+result["expired token"] = call("GET", creds, {"X-aws-ec2-metadata-token": token})
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.parametrize("v1", [False, True])
+def test_wire_cases_from_the_container(start_server, bridge, v1):
+    """What EC2 answers, seen from the app container through the gateway."""
+    server = imds_server_on_host(start_server, bridge, **({"ECS_LOCAL_IMDS_V1": "true"} if v1 else {}))
+    proc = bridge.run(server.port, sys.executable, "-c", WIRE_SCRIPT, bridge.gateway, str(server.port))
+    assert proc.returncode == 0, proc.stderr
+    result = {case: (status, content_type) for case, (status, content_type, _) in json.loads(proc.stdout).items()}
+    assert result == {"no ttl": (400, "text/plain"), "ttl 0": (400, "text/plain"), "proxied": (403, "text/plain"),
+                      "no token": (200, "text/plain") if v1 else (401, "text/plain"),
+                      "wrong token": (401, "text/plain"), "live token": (200, "text/plain"),
+                      "expired token": (401, "text/plain")}
