@@ -6,7 +6,11 @@ ECS or Fargate:
 
 * credentials at ``AWS_CONTAINER_CREDENTIALS_RELATIVE_URI`` (``/creds``,
   ``/role/{name}``, ``/role-arn/{arn}``), vended from your own AWS identity;
-* task metadata and stats (v2, v3, v4) built from the live Docker Engine.
+* the same credentials as the EC2 instance metadata service (IMDSv2, under
+  ``/latest/``) gives them, for SDKs pointed at it with
+  ``AWS_EC2_METADATA_SERVICE_ENDPOINT`` from any network;
+* task metadata and stats (v2, v3, v4) built from the live Docker Engine
+  (or podman's Docker API).
 
 Reading guide for auditors: every route is in ``ROUTES`` near the end of the
 file, written as a rule such as ``/v{version:3|4}[/{ident:container}]/task``
@@ -14,9 +18,11 @@ file, written as a rule such as ``/v{version:3|4}[/{ident:container}]/task``
 method of ``Endpoints``.  Every outbound call is a named method of one of two
 classes: ``DockerClient`` (version, containers, inspect, networks, events,
 stats: the Docker Engine API over its socket) and ``AwsIdentity`` (boto3's
-credential chain; get_session_token, get_role, assume_role on STS and IAM).
-Routes that hand out credentials are marked ``guarded`` in the table;
-``CallerPolicy`` decides who may call them.  Every setting is one row of
+credential chain; get_session_token, get_caller_identity, get_role, assume_role
+on STS and IAM).  Routes that hand out credentials are marked ``guarded`` in the
+table; ``CallerPolicy`` decides who may call them.  The IMDS routes hand them out
+too but are not marked, since SDKs send IMDS no Authorization header:
+``Endpoints._imds_admit`` applies the allowlist and IMDS's session tokens.  Every setting is one row of
 ``SETTINGS``.
 
 Sections, in data-flow order: configuration, Docker client, credentials,
