@@ -229,6 +229,9 @@ def test_authorization_token_turns_imds_off_unless_asked(imds_server, secrets):
     imds_credentials(server.port, secrets)   # no Authorization header: SDKs send none to IMDS
     assert "IMDS on" in server.log()
     assert request(server.port, "GET", "/creds")[0] == 401   # the ECS routes keep the token
+    server = imds_server(ECS_LOCAL_IMDS="off")
+    text_error(request(server.port, "PUT", TOKEN_PATH, {TTL_HEADER: "60"}), 404)
+    assert "IMDS off (ECS_LOCAL_IMDS=OFF)" in server.log()
 
 
 def test_bad_imds_settings_stop_startup(start_server):
