@@ -53,6 +53,11 @@ SLEEP = ("sleep", "3600")
 BUSY = ("sh", "-c", "while :; do :; done")
 COMPOSE_PROJECT = "com.docker.compose.project"
 COMPOSE_SERVICE = "com.docker.compose.service"
+# Base credentials that are already temporary: /creds passes them on without an STS call.
+TEMPORARY_KEYS = {"AWS_ACCESS_KEY_ID": "ASIAIOSFODNN7EXAMPLE",
+                  "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYPODMANKEY",
+                  "AWS_SESSION_TOKEN": "le-podman-session-token-" + "x" * 40,
+                  "AWS_DEFAULT_REGION": "us-east-1"}
 
 # Not the shared Docker Engine, but a container engine all the same: -m 'not docker' leaves these out.
 pytestmark = pytest.mark.docker
@@ -231,12 +236,6 @@ def server(podman, fleet, tmp_path_factory):
         running.stop()
         for secret in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
             assert TEMPORARY_KEYS[secret] not in running.log(), f"{secret} in the server log"
-
-
-TEMPORARY_KEYS = {"AWS_ACCESS_KEY_ID": "ASIAIOSFODNN7EXAMPLE",
-                  "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYPODMANKEY",
-                  "AWS_SESSION_TOKEN": "le-podman-session-token-" + "x" * 40,
-                  "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def get_json(server, path: str, expect: int = 200):
