@@ -741,8 +741,8 @@ class Snapshot:
 
 
 # "remove" is podman's "destroy".
-WATCHED_EVENTS = frozenset({"create", "start", "restart", "die", "destroy", "remove", "rename", "pause", "unpause",
-                            "update", "health_status"})
+WATCHED_EVENTS = frozenset({"create", "start", "restart", "die", "destroy", "remove", "rename", "pause",
+                            "unpause", "update", "health_status"})
 
 
 class ContainerView:
@@ -1870,8 +1870,9 @@ class Endpoints:
     def imds_identity_document(self, request: Request) -> Response:
         self._imds_admit(request)
         region = self.identity.region
-        return text_response(json.dumps({"accountId": self._imds_account_id(), "availabilityZone": f"{region}a",
-                                         "region": region, "version": "2017-09-30"}, indent=2))
+        document = {"accountId": self._imds_account_id(), "availabilityZone": f"{region}a", "region": region,
+                    "version": "2017-09-30"}
+        return text_response(json.dumps(document, indent=2))
 
     def imds_not_found(self, request: Request) -> Response:
         """Other IMDS paths (such as security-credentials-extended, which newer SDKs try first
@@ -1885,10 +1886,14 @@ class Endpoints:
         role = self.config.imds_role
         try:
             if role is None:
-                return self.vendor.own().response()
-            return (self.vendor.role_arn(role) if role.startswith("arn:") else self.vendor.role(role)).response()
+                credentials = self.vendor.own()
+            elif role.startswith("arn:"):
+                credentials = self.vendor.role_arn(role)
+            else:
+                credentials = self.vendor.role(role)
         except ApiError as exc:
             raise ImdsError.of(exc) from None
+        return credentials.response()
 
     def _imds_account_id(self) -> str:
         """The account of those credentials: the role's, else asked of STS once."""

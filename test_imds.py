@@ -417,23 +417,26 @@ echo "role=$role"
 wget -q -O - --header "X-aws-ec2-metadata-token: $token" $base/latest/meta-data/iam/security-credentials/$role
 echo
 wget -q -O - $base/v4
+echo
+wget -q -O - $base/v4/$NAME
 """
 
 
 def test_docker_run_recipe_with_host_gateway(start_server, bridge, docker_engine, busybox_image, secrets):
     """docker run --add-host host.docker.internal:host-gateway: IMDS credentials, and metadata
-    by the caller's own address (on Linux the host sees the container's address)."""
+    by the caller's own address (on Linux the host sees the container's address) and by name."""
     server = imds_server_on_host(start_server, bridge)
     network = docker_engine.inspect(bridge.app)["HostConfig"]["NetworkMode"]
     name = Containers.name("le-imds-recipe")
     proc = docker_engine.cli("run", "--rm", "--name", name, "--label", f"{TEST_LABEL}=1", "--network", network,
-                             "--add-host", "host.docker.internal:host-gateway", "-e", f"PORT={server.port}",
+                             "--add-host", "host.docker.internal:host-gateway",
+                             "-e", f"PORT={server.port}", "-e", f"NAME={name}",
                              busybox_image, "sh", "-c", RECIPE_SCRIPT, check=False)
     assert proc.returncode == 0, (proc.stdout, proc.stderr, server.log()[-2000:])
-    role_line, document, metadata = proc.stdout.strip().split("\n")
+    role_line, document, by_address, by_name = proc.stdout.strip().split("\n")
     assert role_line == "role=local-endpoints"
     assert list(registered(secrets, json.loads(document))) == IMDS_KEYS
-    assert json.loads(metadata)["DockerName"] == name
+    assert json.loads(by_address)["DockerName"] == json.loads(by_name)["DockerName"] == name
 
 
 WIRE_SCRIPT = """
