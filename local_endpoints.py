@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
 import email.message
 import email.utils
 import errno
@@ -270,6 +271,9 @@ SETTINGS: tuple[Setting, ...] = (
             "LaunchType (v4): EC2, FARGATE or EXTERNAL"),
     Setting("AVAILABILITY_ZONE", "availability_zone", "", str, "AvailabilityZone",
             shown_default="region of the task ARN + a"),
+    Setting("AVAILABILITY_ZONE_ID", "availability_zone_id", "", str,
+            "AvailabilityZoneID (v4), e.g. usw2-az1; left out when unset"),
+    Setting("VPC_ID", "vpc_id", "", str, "VPCID (v4, EC2 launch type only); left out when unset"),
     Setting("TASK_TAGS", "task_tags", "", parse_tags, "TaskTags on the WithTags routes, as k=v,k2=v2",
             aliases=("TASK_TAGS_VAR",), origin="TASK_TAGS_VAR is the original's name"),
     Setting("CONTAINER_INSTANCE_TAGS", "container_instance_tags", "", parse_tags,
@@ -323,6 +327,8 @@ class Config:
     task_revision: str
     launch_type: str
     availability_zone: str | None
+    availability_zone_id: str | None
+    vpc_id: str | None
     task_tags: dict[str, str] | None
     container_instance_tags: dict[str, str] | None
     container_metadata_path: str | None
@@ -980,12 +986,13 @@ def match_ip(snapshot: Snapshot, caller: IPAddress, own: dict | None) -> list[di
 
 def task_members(snapshot: Snapshot, caller: dict, own_id: str | None) -> list[dict]:
     """The caller's "task": its compose project including exited containers, as ECS lists a
-    task's stopped containers; outside compose, the running containers outside compose."""
+    task's stopped containers; outside compose, every running container (the original's
+    documented rule: "all currently running containers on your machine")."""
     project = labels_of(caller).get(COMPOSE_PROJECT)
     if project:
         members = [c for c in snapshot.containers.values() if labels_of(c).get(COMPOSE_PROJECT) == project]
     else:
-        members = [c for c in snapshot.running() if COMPOSE_PROJECT not in labels_of(c)]
+        members = snapshot.running()
     members = [c for c in members if c["Id"] != own_id]
     return sorted(members, key=lambda c: (c.get("Created", ""), container_name(c)))
 
@@ -1400,6 +1407,9 @@ def imds_document(credentials: dict) -> dict:
 # ---------------------------------------------------------------------------
 
 TASK_ID_NAMESPACE = uuid.UUID("4d7c1b0e-7a7e-4f41-9d38-0d4a7e2f3c10")
+MINIMUM_CPU_UNITS = 2                  # the agent's floor for a container's Limits.CPU
+FARGATE_EPHEMERAL_STORAGE_MIB = 20496  # Fargate's default 20 GiB, as its task metadata reports it
+TIME_ERROR = 5                         # adjtimex(2): the clock is not synchronized
 
 
 @dataclass(frozen=True)
@@ -1481,62 +1491,88 @@ def ports_of(container: dict, version: int) -> list[dict]:
         for binding in bindings or []:
             port = {"ContainerPort": int(number), "Protocol": protocol or "tcp",
                     "HostPort": int(binding.get("HostPort") or 0)}
-            if version >= 4:
-                port["HostIp"] = binding.get("HostIp", "")
+            if version >= 4 and binding.get("HostIp"):
+                port["HostIp"] = binding["HostIp"]
             ports.append(port)
     return ports
 
 
-def networks_of(container: dict, version: int) -> list[dict]:
+def network_mode(network: str, launch_type: str) -> str:
+    """ECS's name for the mode of a Docker network.
+
+    Docker's host and none networks are ECS's host and none modes, and its default bridge is
+    ECS's bridge mode; a network of one's own (compose makes one per project) stands for the
+    task's ENI, ECS's awsvpc mode.  Fargate runs nothing but awsvpc.
+    """
+    if network in ("host", "none") or (network == "bridge" and launch_type != "FARGATE"):
+        return network
+    return "awsvpc"
+
+
+def interface_properties(container: dict, network: str, endpoint: dict, index: int) -> dict:
+    """The ENI fields the agent adds to an awsvpc network entry (v4)."""
     config = container.get("Config") or {}
     host_config = container.get("HostConfig") or {}
+    entry: dict[str, Any] = {"AttachmentIndex": index}
+    ipv4, ipv6 = endpoint.get("IPAddress"), endpoint.get("GlobalIPv6Address")
+    if ipv4 and endpoint.get("IPPrefixLen"):
+        entry["IPv4SubnetCIDRBlock"] = str(ipaddress.ip_interface(f"{ipv4}/{endpoint['IPPrefixLen']}").network)
+    if ipv6 and endpoint.get("GlobalIPv6PrefixLen"):
+        entry["IPv6SubnetCIDRBlock"] = str(ipaddress.ip_interface(
+            f"{ipv6}/{endpoint['GlobalIPv6PrefixLen']}").network)
+    if endpoint.get("MacAddress"):
+        entry["MACAddress"] = endpoint["MacAddress"]
+    # User-defined networks resolve through Docker's embedded DNS server.
+    dns = host_config.get("Dns") or ([] if network == "bridge" else ["127.0.0.11"])
+    if dns:
+        entry["DomainNameServers"] = list(dns)
+    if host_config.get("DnsSearch"):
+        entry["DomainNameSearchList"] = list(host_config["DnsSearch"])
+    if config.get("Hostname"):
+        entry["PrivateDNSName"] = config["Hostname"] + (f".{config['Domainname']}" if config.get("Domainname")
+                                                        else "")
+    if ipv4 and endpoint.get("Gateway") and endpoint.get("IPPrefixLen"):
+        entry["SubnetGatewayIpv4Address"] = f"{endpoint['Gateway']}/{endpoint['IPPrefixLen']}"
+    elif not ipv4 and endpoint.get("IPv6Gateway") and endpoint.get("GlobalIPv6PrefixLen"):
+        # The agent gives the IPv6 gateway for IPv6-only ENIs only.
+        entry["SubnetGatewayIpv6Address"] = f"{endpoint['IPv6Gateway']}/{endpoint['GlobalIPv6PrefixLen']}"
+    return entry
+
+
+def networks_of(container: dict, version: int, launch_type: str) -> list[dict]:
+    """One entry per Docker network; v4 adds the ENI fields to awsvpc entries only, as the agent."""
     result = []
     endpoints = ((container.get("NetworkSettings") or {}).get("Networks") or {})
     for index, (name, endpoint) in enumerate(sorted(endpoints.items())):
-        entry: dict[str, Any] = {"NetworkMode": name}
+        mode = network_mode(name, launch_type)
+        entry: dict[str, Any] = {"NetworkMode": mode}
         if endpoint.get("IPAddress"):
             entry["IPv4Addresses"] = [endpoint["IPAddress"]]
         if endpoint.get("GlobalIPv6Address"):
             entry["IPv6Addresses"] = [endpoint["GlobalIPv6Address"]]
-        if version >= 4:
-            entry["AttachmentIndex"] = index
-            if endpoint.get("MacAddress"):
-                entry["MACAddress"] = endpoint["MacAddress"]
-            if endpoint.get("IPAddress") and endpoint.get("IPPrefixLen"):
-                prefix = endpoint["IPPrefixLen"]
-                entry["IPv4SubnetCIDRBlock"] = str(ipaddress.ip_interface(
-                    f"{endpoint['IPAddress']}/{prefix}").network)
-                if endpoint.get("Gateway"):
-                    entry["SubnetGatewayIpv4Address"] = f"{endpoint['Gateway']}/{prefix}"
-            if endpoint.get("GlobalIPv6Address") and endpoint.get("GlobalIPv6PrefixLen"):
-                entry["IPv6SubnetCIDRBlock"] = str(ipaddress.ip_interface(
-                    f"{endpoint['GlobalIPv6Address']}/{endpoint['GlobalIPv6PrefixLen']}").network)
-            # User-defined networks resolve through Docker's embedded DNS server.
-            dns = host_config.get("Dns") or ([] if name in ("bridge", "host", "none") else ["127.0.0.11"])
-            if dns:
-                entry["DomainNameServers"] = list(dns)
-            if host_config.get("DnsSearch"):
-                entry["DomainNameSearchList"] = list(host_config["DnsSearch"])
-            hostname = config.get("Hostname", "")
-            if hostname:
-                entry["PrivateDNSName"] = hostname + (f".{config['Domainname']}" if config.get("Domainname")
-                                                      else "")
+        if version >= 4 and mode == "awsvpc":
+            entry.update(interface_properties(container, name, endpoint, index))
         result.append(entry)
     return result
 
 
 def health_of(state: dict, since: str | None) -> dict | None:
+    """The agent's Health: status left out while unknown (Docker's "starting"), exitCode and
+    output left out when 0 or empty (its JSON omits them)."""
     health = state.get("Health")
     if not health:
         return None
-    status = {"healthy": "HEALTHY", "unhealthy": "UNHEALTHY"}.get(health.get("Status", ""), "UNKNOWN")
-    result: dict[str, Any] = {"status": status}
+    result: dict[str, Any] = {}
+    status = {"healthy": "HEALTHY", "unhealthy": "UNHEALTHY"}.get(health.get("Status", ""))
+    if status:
+        result["status"] = status
     if since:
         result["statusSince"] = since
     checks = health.get("Log") or []
-    if checks:
-        result["exitCode"] = checks[-1].get("ExitCode")
-        result["output"] = checks[-1].get("Output", "")
+    if checks and checks[-1].get("ExitCode"):
+        result["exitCode"] = checks[-1]["ExitCode"]
+    if checks and checks[-1].get("Output"):
+        result["output"] = checks[-1]["Output"]
     return result
 
 
@@ -1571,17 +1607,41 @@ def container_arn(task: TaskIdentity, container_id: str) -> str:
             f"{task.task_id}/{uuid.uuid5(TASK_ID_NAMESPACE, container_id)}")
 
 
+def cluster_arn(task: TaskIdentity) -> str:
+    """The cluster as an ARN, in the task's region and account when CLUSTER_ARN is a bare name."""
+    if task.cluster.startswith("arn:"):
+        return task.cluster
+    return f"arn:aws:ecs:{task.region}:{task.account}:cluster/{task.cluster}"
+
+
+def ecs_labels(task: TaskIdentity, name: str) -> dict[str, str]:
+    """The Docker labels the ECS agent puts on every container of a task."""
+    return {
+        "com.amazonaws.ecs.cluster": cluster_arn(task),
+        "com.amazonaws.ecs.container-name": name,
+        "com.amazonaws.ecs.task-arn": task.arn,
+        "com.amazonaws.ecs.task-definition-family": task.family,
+        "com.amazonaws.ecs.task-definition-version": task.revision,
+    }
+
+
+def has_restart_policy(host_config: dict) -> bool:
+    return ((host_config.get("RestartPolicy") or {}).get("Name") or "no") != "no"
+
+
 def container_metadata(container: dict, version: int, task: TaskIdentity, health_since: str | None = None
                        ) -> dict:
-    """One container the way the ECS agent describes it (v2/v3 shape, v4 additions)."""
+    """One container the way the ECS agent describes it (v2/v3 shape, v4 additions), with the
+    agent's rules for what is left out."""
     state = container.get("State") or {}
     config = container.get("Config") or {}
     host_config = container.get("HostConfig") or {}
     labels = config.get("Labels") or {}
     status = known_status(state)
+    name = labels.get(COMPOSE_SERVICE) or container_name(container)
     doc: dict[str, Any] = {
         "DockerId": container["Id"],
-        "Name": labels.get(COMPOSE_SERVICE) or container_name(container),
+        "Name": name,
         "DockerName": container_name(container),
         "Image": config.get("Image", ""),
         "ImageID": container.get("Image", ""),
@@ -1589,19 +1649,21 @@ def container_metadata(container: dict, version: int, task: TaskIdentity, health
     ports = ports_of(container, version)
     if ports:
         doc["Ports"] = ports
-    doc["Labels"] = labels
+    doc["Labels"] = {**ecs_labels(task, name), **labels}   # a label the container really has wins
     doc["DesiredStatus"] = "STOPPED" if status == "STOPPED" else "RUNNING"
     doc["KnownStatus"] = status
     if status == "STOPPED":
         doc["ExitCode"] = state.get("ExitCode", 0)
-    doc["Limits"] = container_limits(host_config)
+    limits = container_limits(host_config)
+    # The agent reports at least 2 CPU units (its minimum), whatever the task definition says.
+    doc["Limits"] = dict(limits, CPU=max(limits["CPU"], MINIMUM_CPU_UNITS))
     for key, value in (("CreatedAt", utc(container.get("Created"))), ("StartedAt", utc(state.get("StartedAt"))),
                        ("FinishedAt", utc(state.get("FinishedAt")) if status == "STOPPED" else None)):
         if value:
             doc[key] = value
     doc["Type"] = "NORMAL"
     health = health_of(state, health_since)
-    if health:
+    if health is not None:
         doc["Health"] = health
     volumes = [{k: v for k, v in (("DockerName", m.get("Name")), ("Source", m.get("Source")),
                                   ("Destination", m.get("Destination"))) if v}
@@ -1611,15 +1673,46 @@ def container_metadata(container: dict, version: int, task: TaskIdentity, health
     if version >= 4:
         doc["ContainerARN"] = container_arn(task, container["Id"])
         log_config = host_config.get("LogConfig") or {}
-        doc["LogDriver"] = log_config.get("Type", "")
-        doc["LogOptions"] = log_config.get("Config") or {}
-        doc["RestartCount"] = container.get("RestartCount", 0)
-    doc["Networks"] = networks_of(container, version)
+        if log_config.get("Type"):
+            doc["LogDriver"] = log_config["Type"]
+        if log_config.get("Config"):
+            doc["LogOptions"] = log_config["Config"]
+        if has_restart_policy(host_config):
+            doc["RestartCount"] = container.get("RestartCount", 0)
+        snapshotter = (container.get("GraphDriver") or {}).get("Name")
+        if task.launch_type == "FARGATE" and snapshotter:
+            doc["Snapshotter"] = snapshotter
+    networks = networks_of(container, version, task.launch_type)
+    if networks:
+        doc["Networks"] = networks
     return doc
 
 
+class Timex(ctypes.Structure):
+    """The head of Linux's struct timex (adjtimex(2)); the tail is room the kernel may write."""
+    _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
+                ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long), ("status", ctypes.c_int),
+                ("rest", ctypes.c_byte * 256)]
+
+
+def clock_drift(now: datetime) -> dict:
+    """Fargate's ClockDrift from the host kernel's clock discipline, read-only adjtimex(2):
+    the maximum error in milliseconds and whether NTP keeps the clock synchronized."""
+    drift: dict[str, Any] = {"ReferenceTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    try:
+        timex = Timex()
+        state = ctypes.CDLL(None, use_errno=True).adjtimex(ctypes.byref(timex))
+    except (OSError, AttributeError):
+        return drift
+    if state < 0:
+        return drift
+    drift["ClockErrorBound"] = timex.maxerror / 1000
+    drift["ClockSynchronizationStatus"] = "NOT_SYNCHRONIZED" if state == TIME_ERROR else "SYNCHRONIZED"
+    return drift
+
+
 def task_metadata(members: list[dict], version: int, task: TaskIdentity, config: Config,
-                  with_tags: bool, containers: list[dict]) -> dict:
+                  with_tags: bool, containers: list[dict], now: datetime | None = None) -> dict:
     """The task object; containers are the already-built container documents of members."""
     running = any(c["State"].get("Running") for c in members)
     doc: dict[str, Any] = {
@@ -1629,23 +1722,189 @@ def task_metadata(members: list[dict], version: int, task: TaskIdentity, config:
         "Revision": task.revision,
         "DesiredStatus": "RUNNING",
         "KnownStatus": "RUNNING" if running else "STOPPED",
-        "Containers": containers,
     }
+    if containers:
+        doc["Containers"] = containers
     limits = [container_limits(c.get("HostConfig") or {}) for c in members]
     cpu = sum(limit["CPU"] for limit in limits)
     memory = sum(limit["Memory"] for limit in limits)
     task_limits = {k: v for k, v in (("CPU", cpu / 1024), ("Memory", memory)) if v}
     if task_limits:
         doc["Limits"] = task_limits
+    finished = [utc(c["State"].get("FinishedAt")) for c in members]
+    if not running and any(finished):
+        doc["ExecutionStoppedAt"] = max(f for f in finished if f)
     doc["AvailabilityZone"] = task.availability_zone
-    if with_tags:
-        doc["TaskTags"] = dict(config.task_tags or {})
-        doc["ContainerInstanceTags"] = dict(config.container_instance_tags or {})
+    if with_tags and config.task_tags:
+        doc["TaskTags"] = dict(config.task_tags)
+    if with_tags and config.container_instance_tags:
+        doc["ContainerInstanceTags"] = dict(config.container_instance_tags)
     if version >= 4:
         doc["LaunchType"] = task.launch_type
+        if config.vpc_id and task.launch_type != "FARGATE":
+            doc["VPCID"] = config.vpc_id
         if task.service_name:
             doc["ServiceName"] = task.service_name
+        if task.launch_type == "FARGATE":
+            doc["ClockDrift"] = clock_drift(now or datetime.now(timezone.utc))
+            doc["EphemeralStorageMetrics"] = {"Utilized": 0, "Reserved": FARGATE_EPHEMERAL_STORAGE_MIB}
+        doc["FaultInjectionEnabled"] = False
+        if config.availability_zone_id:
+            doc["AvailabilityZoneID"] = config.availability_zone_id
     return doc
+
+
+# Task scale-in protection: what ECS keeps for UpdateTaskProtection, kept here in memory.
+
+PROTECTION_DEFAULT_MINUTES = 120
+PROTECTION_MAX_MINUTES = 2880
+PROTECTION_FIELDS = ("ProtectionEnabled", "ExpiresInMinutes")
+TASK_NOT_FOUND = "Failed to find a task for the request"
+
+
+class TaskProtectionError(ApiError):
+    """The agent's task-protection error: {"requestID"?, "error": {"Arn"?, "Code", "Message"}}.
+
+    The agent adds Arn once it knows the task, and requestID when the error came from ECS.
+    """
+
+    def __init__(self, status: int, code: str, message: str, arn: str = "", request_id: str = ""):
+        super().__init__(status, code, message)
+        self.arn = arn
+        self.request_id = request_id
+
+    def body(self) -> dict:
+        error = {"Arn": self.arn} if self.arn else {}
+        error.update(Code=self.code, Message=self.message)
+        return {"requestID": self.request_id, "error": error} if self.request_id else {"error": error}
+
+    def response(self) -> Response:
+        return Response(go_json(self.body()), self.status)
+
+
+def go_json(document: Any) -> bytes:
+    """JSON as the agent's Go encoder writes it: no spaces."""
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def parse_protection_request(body: bytes) -> tuple[bool | None, int | None]:
+    """(ProtectionEnabled, ExpiresInMinutes) from a PUT body, decoded as the agent's Go decoder does.
+
+    Its first JSON value must be an object (or null) whose keys match the two fields
+    case-insensitively; a bool and an integer, or null.  Anything else is the agent's 400.
+    """
+    def fail(*_: Any) -> Any:
+        raise ValueError("not the agent's JSON")
+
+    try:
+        text = body.decode("utf-8").lstrip(" \t\r\n")
+        decoded, _ = json.JSONDecoder(parse_float=fail, parse_constant=fail).raw_decode(text)
+        if decoded is None:
+            decoded = {}
+        if not isinstance(decoded, dict):
+            raise ValueError("not an object")
+        values: dict[str, Any] = {}
+        for key, value in decoded.items():
+            [name] = [f for f in PROTECTION_FIELDS if f.lower() == key.lower()] or fail()
+            values[name] = value
+        enabled, minutes = values.get("ProtectionEnabled"), values.get("ExpiresInMinutes")
+        if enabled is not None and not isinstance(enabled, bool):
+            fail()
+        if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, int)
+                                    or not -2**63 <= minutes < 2**63):
+            fail()
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise TaskProtectionError(400, "InvalidParameterException",
+                                  "UpdateTaskProtection: failed to decode request") from None
+    return enabled, minutes
+
+
+def expiration_date(expires: float | None) -> str | None:
+    """ECS's expirationDate (milliseconds) as the agent's Go encoder writes a time: RFC 3339 in
+    UTC, trailing zeros of the fraction dropped."""
+    if expires is None:
+        return None
+    milliseconds = round(expires * 1000)
+    moment = datetime.fromtimestamp(milliseconds // 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    fraction = f"{milliseconds % 1000:03d}".rstrip("0")
+    return f"{moment}.{fraction}Z" if fraction else f"{moment}Z"
+
+
+class TaskProtection:
+    """Scale-in protection per task ARN, in memory: until when each protected task is protected.
+
+    Protection ends by itself at its expiration date, and a task whose containers are all
+    gone is forgotten.  Every answer looks at the clock first; while any task is protected a
+    watcher thread does the same every CHECK_SECONDS, so the log says when protection ends
+    even if nobody asks.  live_tasks gives the ARNs of the tasks that still have containers,
+    or None while that is unknown (Docker unreachable): then nothing is forgotten.
+    """
+
+    CHECK_SECONDS = 5.0
+
+    def __init__(self, live_tasks: Callable[[], set[str] | None], clock: Callable[[], float] = time.time):
+        self._live_tasks = live_tasks
+        self._clock = clock
+        self._expires: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._watching = False
+
+    def state(self, task_arn: str) -> dict:
+        """The agent's GET answer for the task."""
+        self.sweep()
+        with self._lock:
+            expires = self._expires.get(task_arn)
+        return self._document(task_arn, expires)
+
+    def update(self, task_arn: str, enabled: bool, minutes: int | None) -> dict:
+        """Turn protection on (for minutes, default 120) or off; the agent's PUT answer."""
+        self.sweep()
+        if not enabled:
+            with self._lock:
+                ended = self._expires.pop(task_arn, None) is not None
+            if ended:
+                log.info("task protection of %s ended: turned off", task_arn)
+            return self._document(task_arn, None)
+        expires = self._clock() + (minutes or PROTECTION_DEFAULT_MINUTES) * 60
+        with self._lock:
+            extended = task_arn in self._expires
+            self._expires[task_arn] = expires
+            watch, self._watching = not self._watching, True
+        log.info("task protection of %s %s until %s", task_arn, "extended" if extended else "started",
+                 expiration_date(expires))
+        if watch:
+            threading.Thread(target=self._watch, name="task-protection", daemon=True).start()
+        return self._document(task_arn, expires)
+
+    def sweep(self) -> None:
+        """End expired protection and forget tasks whose containers are all gone, logging each."""
+        now, live = self._clock(), self._live_tasks()
+        with self._lock:
+            ended = [(arn, "expired") for arn, expires in self._expires.items() if expires <= now]
+            if live is not None:
+                ended += [(arn, "its containers are gone") for arn, expires in self._expires.items()
+                          if expires > now and arn not in live]
+            for arn, _ in ended:
+                del self._expires[arn]
+        for arn, reason in ended:
+            log.info("task protection of %s ended: %s", arn, reason)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.CHECK_SECONDS)
+            try:
+                self.sweep()
+            except Exception:   # never let the watcher die with protection left to end
+                log.exception("task protection check failed")
+            with self._lock:
+                if not self._expires:
+                    self._watching = False
+                    return
+
+    @staticmethod
+    def _document(task_arn: str, expires: float | None) -> dict:
+        return {"protection": {"ExpirationDate": expiration_date(expires), "ProtectionEnabled": expires is not None,
+                               "TaskArn": task_arn}}
 
 
 # ---------------------------------------------------------------------------
@@ -1793,6 +2052,7 @@ class Endpoints:
         self.imds_tokens = ImdsTokens()
         self._imds_account: str | None = None
         self._imds_document: tuple[tuple[str, str], bytes] | None = None   # (key, expiry) -> its document
+        self.protection = TaskProtection(self._live_tasks)
 
     # -- credentials ---------------------------------------------------------
 
@@ -1999,7 +2259,9 @@ class Endpoints:
             containers = [self._container_doc(snapshot, c, version, task) for c in members]
             doc = task_metadata(members, version, task, self.config, with_tags, containers)
             return deep_merge(doc, self.task_override.value)
-        return self._memoized(snapshot, ("task", version, caller["Id"], with_tags), build)
+        # Fargate's ClockDrift is a reading of the clock: taken again each minute.
+        minute = int(time.time() // 60) if self.config.launch_type == "FARGATE" and version >= 4 else 0
+        return self._memoized(snapshot, ("task", version, caller["Id"], with_tags, minute), build)
 
     def container_stats(self, request: Request) -> dict:
         _, caller, _ = self._locate(request)
@@ -2021,6 +2283,41 @@ class Endpoints:
         return {c["Id"]: stats_document(samples[c["Id"]], version) if samples.get(c["Id"]) else empty
                 for c in members}
 
+
+    # -- task scale-in protection ($ECS_AGENT_URI/task-protection/v1/state) -----
+
+    def _protected_task(self, request: Request) -> str:
+        """The ARN of the task the request names (or comes from), else the agent's error."""
+        try:
+            _, caller, _ = self._locate(request)
+        except ApiError as exc:
+            status, code = (404, "ResourceNotFoundException") if exc.status == 404 else (500, "ServerException")
+            raise TaskProtectionError(status, code, f"{TASK_NOT_FOUND}: {exc.message}") from None
+        return self._task_identity(caller).arn
+
+    def _live_tasks(self) -> set[str] | None:
+        """ARNs of the tasks that still have containers; None while Docker is unreachable."""
+        if not self.view.reachable:
+            return None
+        return {self._task_identity(c).arn for c in self.view.current().containers.values()
+                if c["State"].get("Running") or COMPOSE_PROJECT in labels_of(c)}
+
+    def protection_state(self, request: Request) -> bytes:
+        return go_json(self.protection.state(self._protected_task(request)))
+
+    def update_protection(self, request: Request) -> bytes:
+        """The agent's checks in its order: the body, the task, ProtectionEnabled; then ECS's range."""
+        enabled, minutes = parse_protection_request(request.body)
+        arn = self._protected_task(request)
+        if enabled is None:
+            raise TaskProtectionError(400, "InvalidParameterException",
+                                      "Invalid request: does not contain 'ProtectionEnabled' field", arn)
+        if minutes is not None and not 1 <= minutes <= PROTECTION_MAX_MINUTES:
+            # ECS's own validation, which the agent passes on with ECS's request ID.
+            raise TaskProtectionError(400, "InvalidParameterException",
+                                      f"ExpiresInMinutes must be between 1 and {PROTECTION_MAX_MINUTES} minutes "
+                                      f"(48 hours); got {minutes}", arn, str(uuid.uuid4()))
+        return go_json(self.protection.update(arn, enabled, minutes))
 
 @dataclass(frozen=True)
 class Route:
@@ -2099,6 +2396,9 @@ ROUTES: tuple[Route, ...] = (
     route("GET", "/latest/meta-data/placement/{item:region|availability-zone}", Endpoints.imds_placement),
     route("GET", "/latest/dynamic/instance-identity/document", Endpoints.imds_identity_document),
     route("GET", "/latest/meta-data/{rest:path}", Endpoints.imds_not_found),
+    # Task scale-in protection at $ECS_AGENT_URI, ECS's /api/{id}; without {ident}, the caller's task.
+    route("GET", "/api[/{ident}]/task-protection/v1/state", Endpoints.protection_state),
+    route("PUT", "/api[/{ident}]/task-protection/v1/state", Endpoints.update_protection, guarded=True, body=True),
 )
 
 

@@ -21,18 +21,21 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 import secrets
+import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 
 import pytest
 
 import local_endpoints
-from conftest import Containers, wait_for
+from conftest import Containers, apt_install, unavailable, wait_for
 
 COMPOSE_PROJECT = "com.docker.compose.project"
 COMPOSE_SERVICE = "com.docker.compose.service"
@@ -92,22 +95,44 @@ def arn_parts(arn: str, pattern: re.Pattern) -> dict:
     return match.groupdict()
 
 
-def check_container(doc: dict, inspect: dict, version: int, networks: dict[str, dict],
-                    task_arn: str | None = None) -> None:
+def ecs_labels(doc: dict, task: dict) -> dict[str, str]:
+    """The labels the ECS agent puts on a container, from the task document's own values;
+    a bare cluster name becomes an ARN in the task ARN's region and account."""
+    cluster = task["Cluster"]
+    if not cluster.startswith("arn:"):
+        parts = arn_parts(task["TaskARN"], TASK_ARN_RE)
+        cluster = f"arn:aws:ecs:{parts['region']}:{parts['account']}:cluster/{cluster}"
+    return {"com.amazonaws.ecs.cluster": cluster, "com.amazonaws.ecs.task-arn": task["TaskARN"],
+            "com.amazonaws.ecs.container-name": doc["Name"],
+            "com.amazonaws.ecs.task-definition-family": task["Family"],
+            "com.amazonaws.ecs.task-definition-version": task["Revision"]}
+
+
+def ecs_network_mode(network: str, launch_type: str) -> str:
+    """Docker's host, none and default bridge networks keep their names (the agent's modes);
+    a network of one's own stands for the task's ENI (awsvpc), and Fargate is awsvpc only."""
+    if network in ("host", "none") or (network == "bridge" and launch_type != "FARGATE"):
+        return network
+    return "awsvpc"
+
+
+def check_container(doc: dict, inspect: dict, version: int, networks: dict[str, dict], task: dict) -> None:
     """Assert every field of one container document against ``docker inspect`` of it.
 
     ``networks`` maps network names to ``docker network inspect`` output: the
-    subnet and gateway are checked against the network itself.
+    subnet and gateway are checked against the network itself. ``task`` is the task
+    document the container belongs to (its labels carry the task's values).
     """
     config, state, host = inspect["Config"], inspect["State"], inspect["HostConfig"]
     labels = config["Labels"] or {}
     name = inspect["Name"].lstrip("/")
+    launch_type = task.get("LaunchType", "EC2")
     assert doc["DockerId"] == inspect["Id"]
     assert doc["DockerName"] == name
     assert doc["Name"] == labels.get(COMPOSE_SERVICE, name)
     assert doc["Image"] == config["Image"]
     assert doc["ImageID"] == inspect["Image"] and doc["ImageID"].startswith("sha256:")
-    assert doc["Labels"] == labels
+    assert doc["Labels"] == {**ecs_labels(doc, task), **labels}   # a real label wins
     assert doc["Type"] == "NORMAL"
     status = "RUNNING" if state["Running"] else "STOPPED"
     assert (doc["KnownStatus"], doc["DesiredStatus"]) == (status, status)
@@ -123,14 +148,14 @@ def check_container(doc: dict, inspect: dict, version: int, networks: dict[str, 
         assert doc["ExitCode"] == state["ExitCode"]
 
     cpu = host["NanoCpus"] * 1024 // 10**9 if host["NanoCpus"] else host["CpuShares"]
-    assert doc["Limits"] == {"CPU": cpu, "Memory": host["Memory"] // 2**20}
+    assert doc["Limits"] == {"CPU": max(cpu, 2), "Memory": host["Memory"] // 2**20}   # the agent's minimum 2
 
     expected_ports = []
     for spec, bindings in (inspect["NetworkSettings"]["Ports"] or {}).items():
         number, protocol = spec.split("/")
         for binding in bindings or []:
             port = {"ContainerPort": int(number), "Protocol": protocol, "HostPort": int(binding["HostPort"])}
-            if version >= 4:
+            if version >= 4 and binding["HostIp"]:
                 port["HostIp"] = binding["HostIp"]
             expected_ports.append(port)
     assert sorted(doc.get("Ports", []), key=json.dumps) == sorted(expected_ports, key=json.dumps)
@@ -141,49 +166,59 @@ def check_container(doc: dict, inspect: dict, version: int, networks: dict[str, 
     assert doc.get("Volumes", []) == expected_volumes
 
     check_health(doc.get("Health"), state)
-    check_networks(doc["Networks"], inspect, version, networks)
+    check_networks(doc.get("Networks", []), inspect, version, networks, launch_type)
 
     if version >= 4:
         log_config = host["LogConfig"]
-        assert doc["LogDriver"] == log_config["Type"]
-        assert doc["LogOptions"] == (log_config["Config"] or {})
-        assert doc["RestartCount"] == inspect["RestartCount"]
+        assert doc.get("LogDriver") == (log_config["Type"] or None)
+        assert doc.get("LogOptions") == (log_config["Config"] or None)
+        if host["RestartPolicy"]["Name"] in ("", "no"):
+            assert "RestartCount" not in doc   # the agent: only with a restart policy
+        else:
+            assert doc["RestartCount"] == inspect["RestartCount"]
+        if launch_type == "FARGATE":
+            assert doc["Snapshotter"] == inspect["GraphDriver"]["Name"]
+        else:
+            assert "Snapshotter" not in doc
         container = arn_parts(doc["ContainerARN"], CONTAINER_ARN_RE)
-        if task_arn:
-            task = arn_parts(task_arn, TASK_ARN_RE)
-            assert {k: container[k] for k in task} == task, (doc["ContainerARN"], task_arn)
+        task_parts = arn_parts(task["TaskARN"], TASK_ARN_RE)
+        assert {k: container[k] for k in task_parts} == task_parts, (doc["ContainerARN"], task["TaskARN"])
     else:
         assert not V4_ONLY_CONTAINER_KEYS & set(doc), sorted(doc)
 
 
 def check_health(health: dict | None, state: dict) -> None:
-    """Health from the container's check. The check runs every second, so the
-    inspect taken after the response may hold later checks: statusSince must lie
-    between the start and the latest check, exitCode/output are those of `true`."""
+    """Health from the container's check, with the agent's omissions: no status while it is
+    unknown (starting), no exitCode when 0, no output when empty. The check runs every
+    second, so the inspect taken after the response may hold later checks: statusSince must
+    lie between the start and the latest check, exitCode/output are those of `true`."""
     if not state.get("Health"):
         assert health is None
         return
-    status = {"healthy": "HEALTHY", "unhealthy": "UNHEALTHY"}.get(state["Health"]["Status"], "UNKNOWN")
-    assert health["status"] == status
+    status = {"healthy": "HEALTHY", "unhealthy": "UNHEALTHY"}.get(state["Health"]["Status"])
+    assert health.get("status") == status
     checks = state["Health"]["Log"]
     if checks:
         assert parse_time(state["StartedAt"]) <= parse_time(health["statusSince"]) \
             <= datetime.fromisoformat(checks[-1]["End"])   # Docker writes the daemon's zone here
-        assert health["exitCode"] == checks[-1]["ExitCode"]
-        assert health["output"] == checks[-1]["Output"]
+        assert health.get("exitCode") == (checks[-1]["ExitCode"] or None)
+        assert health.get("output") == (checks[-1]["Output"] or None)
 
 
-def check_networks(entries: list[dict], inspect: dict, version: int, networks: dict[str, dict]) -> None:
+def check_networks(entries: list[dict], inspect: dict, version: int, networks: dict[str, dict],
+                   launch_type: str) -> None:
+    """One entry per Docker network, in the order of their names; ENI fields on awsvpc only."""
     endpoints = inspect["NetworkSettings"]["Networks"]
-    by_name = {entry["NetworkMode"]: entry for entry in entries}
-    assert set(by_name) == set(endpoints) and len(entries) == len(endpoints)
-    for name, endpoint in endpoints.items():
-        entry = by_name[name]
+    assert len(entries) == len(endpoints)
+    for index, (name, entry) in enumerate(zip(sorted(endpoints), entries)):
+        endpoint = endpoints[name]
+        mode = ecs_network_mode(name, launch_type)
+        assert entry["NetworkMode"] == mode
         if not endpoint["IPAddress"]:   # a stopped container keeps no address
             assert "IPv4Addresses" not in entry
             continue
         assert entry["IPv4Addresses"] == [endpoint["IPAddress"]]
-        if version < 4:
+        if version < 4 or mode != "awsvpc":
             assert not V4_ONLY_NETWORK_KEYS & set(entry), entry
             continue
         ipam = next(c for c in networks[name]["IPAM"]["Config"]
@@ -194,8 +229,8 @@ def check_networks(entries: list[dict], inspect: dict, version: int, networks: d
         assert entry["SubnetGatewayIpv4Address"] == f"{ipam['Gateway']}/{subnet.prefixlen}"
         assert entry["MACAddress"] == endpoint["MacAddress"]
         assert entry["PrivateDNSName"] == inspect["Config"]["Hostname"]
-        assert entry["AttachmentIndex"] == sorted(endpoints).index(name)
-        if name not in ("bridge", "host", "none"):
+        assert entry["AttachmentIndex"] == index
+        if name != "bridge":
             assert entry["DomainNameServers"] == ["127.0.0.11"]   # Docker's embedded DNS
 
 
@@ -344,7 +379,8 @@ def handwritten_inspect() -> dict:
 
 
 def test_container_metadata_builder_v3_v4():
-    """The builder alone: offset times become Z, CpuShares without NanoCpus, IPv6, DNS option."""
+    """The builder alone: offset times become Z, CpuShares without NanoCpus, IPv6, DNS option,
+    the ECS labels, and a user-defined network reported as awsvpc with the ENI fields (v4)."""
     config = local_endpoints.load_config(local_endpoints.parse_args([]), {})
     task = local_endpoints.task_identity(config, "p", "svc")
     container = handwritten_inspect()
@@ -353,18 +389,62 @@ def test_container_metadata_builder_v3_v4():
     assert v3["CreatedAt"] == v4["CreatedAt"] == "2024-01-02T01:04:05.500000Z"
     assert v3["Limits"] == {"CPU": 512, "Memory": 256}
     assert v3["Name"] == "svc" and v3["DockerName"] == "hand"
+    assert v3["Labels"] == v4["Labels"] == {
+        COMPOSE_PROJECT: "p", COMPOSE_SERVICE: "svc",
+        "com.amazonaws.ecs.cluster": "arn:aws:ecs:us-west-2:111111111111:cluster/ecs-local-cluster",
+        "com.amazonaws.ecs.container-name": "svc", "com.amazonaws.ecs.task-arn": task.arn,
+        "com.amazonaws.ecs.task-definition-family": "p", "com.amazonaws.ecs.task-definition-version": "1"}
     assert v3["Ports"] == [{"ContainerPort": 8080, "Protocol": "tcp", "HostPort": 49153}]
     assert v4["Ports"] == [{"ContainerPort": 8080, "Protocol": "tcp", "HostPort": 49153, "HostIp": "::"}]
-    assert v3["Networks"] == [{"NetworkMode": "backend", "IPv4Addresses": ["10.0.2.5"],
+    assert v3["Networks"] == [{"NetworkMode": "awsvpc", "IPv4Addresses": ["10.0.2.5"],
                                "IPv6Addresses": ["fd00:1::5"]}]
-    assert v4["Networks"] == [{"NetworkMode": "backend", "IPv4Addresses": ["10.0.2.5"],
+    assert v4["Networks"] == [{"NetworkMode": "awsvpc", "IPv4Addresses": ["10.0.2.5"],
                                "IPv6Addresses": ["fd00:1::5"], "AttachmentIndex": 0,
                                "MACAddress": "02:42:0a:00:02:05", "IPv4SubnetCIDRBlock": "10.0.2.0/24",
                                "SubnetGatewayIpv4Address": "10.0.2.1/24", "IPv6SubnetCIDRBlock": "fd00:1::/64",
                                "DomainNameServers": ["10.0.0.2"], "PrivateDNSName": "hand"}]
     assert not V4_ONLY_CONTAINER_KEYS & set(v3)
-    assert (v4["LogDriver"], v4["LogOptions"], v4["RestartCount"]) == ("awslogs", {"awslogs-group": "g"}, 4)
+    assert (v4["LogDriver"], v4["LogOptions"]) == ("awslogs", {"awslogs-group": "g"})
+    assert "RestartCount" not in v4   # no restart policy
     assert arn_parts(v4["ContainerARN"], CONTAINER_ARN_RE)["task"] == task.task_id
+
+
+def test_builder_applies_the_agents_omission_rules():
+    """What the agent leaves out: Health.status while starting, exitCode 0 and empty output,
+    an empty LogDriver/LogOptions, HostIp ""; RestartCount only with a restart policy; the
+    ENI fields only on awsvpc; Snapshotter only on Fargate. A real ECS label wins."""
+    config = local_endpoints.load_config(local_endpoints.parse_args([]), {})
+    task = local_endpoints.task_identity(config, None, None)
+    container = handwritten_inspect()
+    container["Config"]["Labels"] = {"com.amazonaws.ecs.cluster": "arn:aws:ecs:eu-west-1:1:cluster/real"}
+    container["State"]["Health"] = {"Status": "starting", "Log": [{"ExitCode": 0, "Output": ""}]}
+    container["HostConfig"].update(LogConfig={"Type": "", "Config": {}}, RestartPolicy={"Name": "on-failure"},
+                                   CpuShares=0)
+    container["GraphDriver"] = {"Name": "overlay2"}
+    container["NetworkSettings"]["Ports"] = {"80/tcp": [{"HostIp": "", "HostPort": "8080"}]}
+    container["NetworkSettings"]["Networks"]["bridge"] = dict(container["NetworkSettings"]["Networks"]["backend"],
+                                                              IPAddress="172.17.0.9")
+    doc = local_endpoints.container_metadata(container, 4, task)
+    assert doc["Labels"]["com.amazonaws.ecs.cluster"] == "arn:aws:ecs:eu-west-1:1:cluster/real"
+    assert doc["Labels"]["com.amazonaws.ecs.task-arn"] == DEFAULT_TASK_ARN
+    assert doc["Health"] == {}
+    assert "LogDriver" not in doc and "LogOptions" not in doc and "Snapshotter" not in doc
+    assert doc["RestartCount"] == 4
+    assert doc["Limits"]["CPU"] == 2   # the agent's minimum
+    assert doc["Ports"] == [{"ContainerPort": 80, "Protocol": "tcp", "HostPort": 8080}]
+    [awsvpc, bridge] = doc["Networks"]
+    assert awsvpc["NetworkMode"] == "awsvpc" and awsvpc["AttachmentIndex"] == 0
+    assert bridge == {"NetworkMode": "bridge", "IPv4Addresses": ["172.17.0.9"], "IPv6Addresses": ["fd00:1::5"]}
+
+    fargate = local_endpoints.task_identity(local_endpoints.load_config(
+        local_endpoints.parse_args([]), {"LAUNCH_TYPE": "FARGATE"}), None, None)
+    container["State"]["Health"] = {"Status": "unhealthy", "Log": [{"ExitCode": 1, "Output": "down\n"}]}
+    doc = local_endpoints.container_metadata(container, 4, fargate, "2024-01-02T01:05:00Z")
+    assert doc["Health"] == {"status": "UNHEALTHY", "statusSince": "2024-01-02T01:05:00Z", "exitCode": 1,
+                             "output": "down\n"}
+    assert doc["Snapshotter"] == "overlay2"
+    assert [n["NetworkMode"] for n in doc["Networks"]] == ["awsvpc", "awsvpc"]   # Fargate: awsvpc only
+    assert doc["Networks"][1]["AttachmentIndex"] == 1
 
 
 def test_task_metadata_builder_limits():
@@ -377,6 +457,45 @@ def test_task_metadata_builder_limits():
     assert doc["Limits"] == {"CPU": 2.0, "Memory": 256}
     bare = dict(handwritten_inspect(), HostConfig={})
     assert "Limits" not in local_endpoints.task_metadata([bare], 4, task, config, False, [])
+
+
+def test_task_metadata_builder_v4_fields():
+    """FaultInjectionEnabled always (v4); VPCID (EC2 only) and AvailabilityZoneID when set;
+    ClockDrift and EphemeralStorageMetrics on Fargate; ExecutionStoppedAt once all stopped;
+    empty tags left out, as the agent's JSON does."""
+    config = local_endpoints.load_config(local_endpoints.parse_args([]), {})
+    task = local_endpoints.task_identity(config, "p", None)
+    running = handwritten_inspect()
+    v4 = local_endpoints.task_metadata([running], 4, task, config, True, [])
+    assert v4["FaultInjectionEnabled"] is False
+    assert not {"VPCID", "AvailabilityZoneID", "ClockDrift", "EphemeralStorageMetrics", "TaskTags",
+                "ContainerInstanceTags", "ExecutionStoppedAt", "Containers"} & set(v4), sorted(v4)
+    v3 = local_endpoints.task_metadata([running], 3, task, config, False, [])
+    assert not {"FaultInjectionEnabled", "LaunchType"} & set(v3)
+
+    environ = {"VPC_ID": "vpc-0123456789abcdef0", "AVAILABILITY_ZONE_ID": "usw2-az1"}
+    config = local_endpoints.load_config(local_endpoints.parse_args([]), environ)
+    doc = local_endpoints.task_metadata([running], 4, task, config, False, [])
+    assert (doc["VPCID"], doc["AvailabilityZoneID"]) == ("vpc-0123456789abcdef0", "usw2-az1")
+
+    config = local_endpoints.load_config(local_endpoints.parse_args([]), {**environ, "LAUNCH_TYPE": "FARGATE"})
+    fargate = local_endpoints.task_identity(config, "p", None)
+    stopped = handwritten_inspect()
+    stopped["State"] = {"Status": "exited", "Running": False, "StartedAt": "2024-01-02T01:04:06Z",
+                        "FinishedAt": "2024-01-02T02:00:00.25Z", "ExitCode": 0}
+    now = datetime(2024, 1, 2, 3, 0, 0, tzinfo=timezone.utc)
+    doc = local_endpoints.task_metadata([stopped], 4, fargate, config, False, [], now)
+    assert "VPCID" not in doc and doc["AvailabilityZoneID"] == "usw2-az1"   # VPCID: EC2 only
+    assert doc["ExecutionStoppedAt"] == "2024-01-02T02:00:00.25Z"
+    assert doc["EphemeralStorageMetrics"] == {"Utilized": 0, "Reserved": 20496}
+    drift = doc["ClockDrift"]
+    assert drift["ReferenceTimestamp"] == "2024-01-02T03:00:00Z"
+    # The host kernel's own account (busybox's adjtimex applet reads the same adjtimex(2)).
+    kernel = subprocess.run(["busybox", "adjtimex"], capture_output=True, text=True, check=True).stdout
+    maxerror = int(re.search(r"maxerror:\s+(\d+)", kernel).group(1))
+    unsynchronized = "return value: 5" in kernel
+    assert drift["ClockSynchronizationStatus"] == ("NOT_SYNCHRONIZED" if unsynchronized else "SYNCHRONIZED")
+    assert abs(drift["ClockErrorBound"] - maxerror / 1000) < 1000   # ms; grows 0.5 ms/s while unsynchronized
 
 
 def test_task_arn_follows_cluster_arn_region_and_account():
@@ -432,7 +551,7 @@ def test_container_v4_matches_inspect(fleet, server, role):
     name = fleet.names[role]
     doc = get_json(server, f"/v4/{name}")
     task = get_json(server, f"/v4/{name}/task")
-    check_container(doc, fleet.inspect(role), 4, fleet.networks(), task["TaskARN"])
+    check_container(doc, fleet.inspect(role), 4, fleet.networks(), task)
 
 
 def test_container_v4_web_details(fleet, server):
@@ -444,27 +563,36 @@ def test_container_v4_web_details(fleet, server):
     assert doc["Limits"] == {"CPU": 512, "Memory": 64}
     assert doc["LogDriver"] == "json-file"
     assert doc["LogOptions"] == {"max-size": "1m", "max-file": "2"}
-    assert doc["Health"]["status"] == "HEALTHY" and doc["Health"]["exitCode"] == 0
+    # Healthy, `true` exits 0 and prints nothing: the agent leaves exitCode and output out.
+    assert doc["Health"]["status"] == "HEALTHY" and "exitCode" not in doc["Health"] and "output" not in doc["Health"]
+    assert doc["RestartCount"] == 0   # --restart always
+    assert doc["Networks"][0]["NetworkMode"] == "awsvpc"   # the project's own network: the task's "ENI"
     tcp = next(p for p in doc["Ports"] if p["Protocol"] == "tcp")
     assert tcp["ContainerPort"] == 80 and tcp["HostIp"] == "127.0.0.1" and tcp["HostPort"] > 0
     assert {p["HostIp"] for p in doc["Ports"] if p["Protocol"] == "udp"} >= {"0.0.0.0"}
     [network] = doc["Networks"]
-    assert network["NetworkMode"] == fleet.net_a
     assert network["SubnetGatewayIpv4Address"] == \
         f"{fleet.gateway(fleet.net_a)}/{network['IPv4SubnetCIDRBlock'].split('/')[1]}"
     assert [v["Destination"] for v in doc["Volumes"]] == ["/data"]
 
     migrate = get_json(server, f"/v4/{fleet.names['a-migrate']}")
     assert (migrate["KnownStatus"], migrate["ExitCode"], migrate["RestartCount"]) == ("STOPPED", 3, 2)
-    assert get_json(server, f"/v4/{fleet.names['b-web']}")["LogDriver"] == "none"
-    assert get_json(server, f"/v4/{fleet.names['b-web']}")["Limits"] == {"CPU": 256, "Memory": 32}
+    b_web = get_json(server, f"/v4/{fleet.names['b-web']}")
+    assert b_web["LogDriver"] == "none" and "LogOptions" not in b_web
+    assert b_web["Limits"] == {"CPU": 256, "Memory": 32}
+    assert "RestartCount" not in b_web   # no restart policy
+    lone = get_json(server, f"/v4/{fleet.names['lone']}")
+    assert lone["Limits"]["CPU"] == 2    # nothing set: the agent's minimum
+    [bridge] = lone["Networks"]
+    assert bridge["NetworkMode"] == "bridge" and not V4_ONLY_NETWORK_KEYS & set(bridge)
 
 
 @pytest.mark.parametrize("path", ["/v3/{name}", "/v3/containers/{name}", "/v2/metadata/{name}"])
 def test_container_v2_v3_match_inspect(fleet, server, path):
     """v2/v3: the same fields without HostIp and the v4 additions."""
     doc = get_json(server, path.format(name=fleet.names["a-web"]))
-    check_container(doc, fleet.inspect("a-web"), 3, fleet.networks())
+    check_container(doc, fleet.inspect("a-web"), 3, fleet.networks(),
+                    get_json(server, f"/v3/{fleet.names['a-web']}/task"))
 
 
 # ---------------------------------------------------------------------------
@@ -480,7 +608,7 @@ def test_task_is_the_compose_project(fleet, server):
     inspects = inspect_many(fleet.engine, members)
     networks = fleet.networks()
     for container in task["Containers"]:
-        check_container(container, inspects[container["DockerId"]], 4, networks, task["TaskARN"])
+        check_container(container, inspects[container["DockerId"]], 4, networks, task)
     stopped = next(c for c in task["Containers"] if c["DockerId"] == fleet.ids["a-migrate"])
     assert stopped["KnownStatus"] == "STOPPED" and stopped["ExitCode"] == 3
 
@@ -496,12 +624,16 @@ def test_task_is_the_compose_project(fleet, server):
     assert task["ServiceName"] == f"web-{fleet.token}"
     assert task["Limits"] == {"CPU": 0.75, "Memory": 96}   # (512 + 256) / 1024 vCPU, 64 + 32 MiB
     assert "TaskTags" not in task and "ContainerInstanceTags" not in task
+    assert task["FaultInjectionEnabled"] is False
+    # Not known here, or Fargate only: left out as the agent leaves them out.
+    assert not {"VPCID", "AvailabilityZoneID", "ClockDrift", "EphemeralStorageMetrics", "PullStartedAt",
+                "PullStoppedAt", "ExecutionStoppedAt", "Errors"} & set(task), sorted(task)
 
     v3 = get_json(server, f"/v3/{fleet.names['a-web']}/task")
     assert {c["DockerId"] for c in v3["Containers"]} == members
-    assert "LaunchType" not in v3 and "ServiceName" not in v3
+    assert not {"LaunchType", "ServiceName", "FaultInjectionEnabled"} & set(v3)
     for container in v3["Containers"]:
-        check_container(container, inspects[container["DockerId"]], 3, networks)
+        check_container(container, inspects[container["DockerId"]], 3, networks, v3)
 
 
 def test_two_projects_are_two_stable_tasks(fleet, server, start_server, docker_engine):
@@ -521,17 +653,18 @@ def test_two_projects_are_two_stable_tasks(fleet, server, start_server, docker_e
 
 
 def test_task_outside_compose(fleet, server):
-    """Outside compose: the running containers that are outside compose, as one default task."""
+    """Outside compose: every running container, as one default task (the original's
+    documented rule), compose projects' running containers included, exited ones not."""
     task = get_json(server, f"/v4/{fleet.names['lone']}/task")
     running = listed(fleet.engine, "status=running")
-    compose = listed(fleet.engine, f"label={COMPOSE_PROJECT}")
-    assert {c["DockerId"] for c in task["Containers"]} == running - compose
-    assert fleet.ids["lone"] in running - compose
+    assert {c["DockerId"] for c in task["Containers"]} == running
+    assert {fleet.ids[r] for r in ("lone", "a-web", "b-db")} <= running
+    assert fleet.ids["a-migrate"] not in running
     assert task["TaskARN"] == DEFAULT_TASK_ARN
     assert task["Family"] == "ecs-local-task-definition"
     assert "ServiceName" not in task
     lone = next(c for c in task["Containers"] if c["DockerId"] == fleet.ids["lone"])
-    check_container(lone, fleet.inspect("lone"), 4, fleet.networks(), task["TaskARN"])
+    check_container(lone, fleet.inspect("lone"), 4, fleet.networks(), task)
 
 
 def test_mocked_values_from_environment(fleet, start_server, docker_engine):
@@ -550,9 +683,14 @@ def test_mocked_values_from_environment(fleet, start_server, docker_engine):
         assert (task["Family"], task["Revision"], task["LaunchType"]) == ("shop", "7", "FARGATE")
         assert task["AvailabilityZone"] == "eu-central-1a"
         assert "TaskTags" not in task and "ContainerInstanceTags" not in task
+        assert task["EphemeralStorageMetrics"] == {"Utilized": 0, "Reserved": 20496}
+        assert task["ClockDrift"]["ClockSynchronizationStatus"] in ("SYNCHRONIZED", "NOT_SYNCHRONIZED")
+        assert parse_time(task["ClockDrift"]["ReferenceTimestamp"])
         container = get_json(server, f"/v4/{name}")
+        assert container["Snapshotter"] == fleet.inspect(role)["GraphDriver"]["Name"]
+        assert {n["NetworkMode"] for n in container["Networks"]} == {"awsvpc"}   # Fargate: awsvpc only
         assert arn_parts(container["ContainerARN"], CONTAINER_ARN_RE)["task"] == "0123456789abcdef0123456789abcdef"
-        check_container(container, fleet.inspect(role), 4, fleet.networks(), arn)
+        check_container(container, fleet.inspect(role), 4, fleet.networks(), task)
         for path in (f"/v4/{name}/taskWithTags", f"/v3/{name}/taskWithTags",
                      f"/v4/containers/{name}/taskWithTags"):
             tagged = get_json(server, path)
@@ -561,12 +699,35 @@ def test_mocked_values_from_environment(fleet, start_server, docker_engine):
             assert tagged["TaskARN"] == arn
 
 
+def test_real_ecs_label_wins(fleet, start_server, docker_engine, containers, busybox_image):
+    """A container that really carries an ECS label keeps it; the other four are generated.
+    With VPC_ID and AVAILABILITY_ZONE_ID set, an EC2 task shows both (v4 only)."""
+    real_arn = "arn:aws:ecs:eu-west-1:444455556666:task/prod/0123456789abcdef0123456789abcdef"
+    name = f"le-{fleet.token}-labelled"
+    cid = containers.run("--name", name, "--label", f"com.amazonaws.ecs.task-arn={real_arn}", "--init",
+                         busybox_image, *SLEEP)
+    server = start_server(env={"DOCKER_HOST": docker_engine.host, "VPC_ID": "vpc-0a1b2c3d",
+                               "AVAILABILITY_ZONE_ID": "usw2-az2"})
+    task = get_json(server, f"/v4/{name}/task")
+    doc = get_json(server, f"/v4/{name}")
+    assert doc["Labels"]["com.amazonaws.ecs.task-arn"] == real_arn
+    assert doc["Labels"]["com.amazonaws.ecs.container-name"] == name
+    assert doc["Labels"]["com.amazonaws.ecs.cluster"] == \
+        "arn:aws:ecs:us-west-2:111111111111:cluster/ecs-local-cluster"
+    check_container(doc, docker_engine.inspect(cid), 4, fleet.networks(), task)
+    assert (task["VPCID"], task["AvailabilityZoneID"]) == ("vpc-0a1b2c3d", "usw2-az2")
+    assert not {"VPCID", "AvailabilityZoneID"} & set(get_json(server, f"/v3/{name}/task"))
+    # Nothing is written to Docker.
+    assert [k for k in docker_engine.inspect(cid)["Config"]["Labels"] if k.startswith("com.amazonaws.ecs.")] \
+        == ["com.amazonaws.ecs.task-arn"]
+
+
 def test_own_container_is_never_in_a_task(fleet, start_server, docker_engine, containers, busybox_image):
     """With ECS_LOCAL_CONTAINER_ID naming the lone container, the outside-compose task leaves it out."""
     solo = containers.run("--name", f"le-{fleet.token}-solo", "--init", busybox_image, *SLEEP)
     server = start_server(env={"DOCKER_HOST": docker_engine.host, "ECS_LOCAL_CONTAINER_ID": fleet.names["lone"]})
     task = get_json(server, f"/v4/le-{fleet.token}-solo/task")
-    expected = listed(fleet.engine, "status=running") - listed(fleet.engine, f"label={COMPOSE_PROJECT}")
+    expected = listed(fleet.engine, "status=running")
     assert {c["DockerId"] for c in task["Containers"]} == expected - {fleet.ids["lone"]}
     assert solo in expected
     stats = get_json(server, f"/v4/le-{fleet.token}-solo/task/stats")
@@ -587,7 +748,8 @@ def test_view_follows_docker_events(fleet, server, containers, busybox_image):
     fleet.engine.cli("network", "connect", extra, cid)
     assert wait_for(lambda: len(get_json(server, f"/v4/{name}")["Networks"]) == 2, 5)
     networks = {**fleet.networks(), extra: fleet.engine.inspect(extra)}
-    check_container(get_json(server, f"/v4/{name}"), fleet.engine.inspect(cid), 4, networks)
+    check_container(get_json(server, f"/v4/{name}"), fleet.engine.inspect(cid), 4, networks,
+                    get_json(server, f"/v4/{name}/task"))
 
     renamed = f"le-{fleet.token}-relocated"
     fleet.engine.cli("rename", name, renamed)
@@ -677,8 +839,8 @@ def test_caller_by_ip_from_inside_containers(fleet, start_server, docker_engine)
     assert [r[0] for r in results] == [200] * len(results), results
     web = fleet.inspect("a-web")
     networks = fleet.networks()
-    check_container(v4, web, 4, networks, t4["TaskARN"])
-    check_container(v3, web, 3, networks)
+    check_container(v4, web, 4, networks, t4)
+    check_container(v3, web, 3, networks, t3)
     members = fleet.members(fleet.project_a)
     for task in (t4, t3, tt, m2, mt2):
         assert {c["DockerId"] for c in task["Containers"]} == members
@@ -717,7 +879,9 @@ def test_override_files_deep_merge_and_reload(fleet, start_server, docker_engine
     labels = fleet.inspect("a-web")["Config"]["Labels"]
     for path in (f"/v4/{name}", f"/v3/{name}", f"/v2/metadata/{name}"):
         doc = get_json(server, path)
-        assert doc["Labels"] == {**labels, "override": "yes"}, path      # merged, file wins
+        own = {k: v for k, v in doc["Labels"].items() if not k.startswith("com.amazonaws.ecs.")}
+        assert own == {**labels, "override": "yes"}, path      # merged, file wins
+        assert len(doc["Labels"]) - len(own) == 5, path        # beside the five ECS labels
         assert doc["Limits"] == {"CPU": 4096, "Memory": 64}, path
         assert doc["DockerName"] == "from-file" and doc["DockerId"] == fleet.ids["a-web"], path
     for path in (f"/v4/{name}/task", f"/v3/{name}/task"):
@@ -785,6 +949,72 @@ def test_opentelemetry_ecs_detector(fleet, server, start_server, docker_engine, 
     assert list(attributes["aws.log.group.names"]) == ["/ecs/shop"]
     assert list(attributes["aws.log.group.arns"]) == ["arn:aws:logs:us-west-2:111111111111:log-group:/ecs/shop"]
     assert list(attributes["aws.log.stream.names"]) == ["web/1"]
+
+
+# ---------------------------------------------------------------------------
+# A consumer of the ECS labels: aws-embedded-metrics (npm)
+# ---------------------------------------------------------------------------
+
+# CloudWatch's Embedded Metric Format client for Node. Its ECS environment fetches
+# $ECS_CONTAINER_METADATA_URI and takes the cluster and the task ARN from the ECS labels.
+# (The PyPI package of the same name has no ECS environment.) Pinned in requirements-dev.txt.
+EMF_PACKAGE = "aws-embedded-metrics@4.2.1"
+
+EMF_SCRIPT = """
+const { metricScope } = require('aws-embedded-metrics');
+const job = metricScope(metrics => async () => { metrics.putMetric('JobsDone', 1, 'Count'); });
+job().then(() => process.exit(0), error => { console.error(error); process.exit(1); });
+"""
+
+
+@pytest.fixture(scope="module")
+def emf_library(tmp_path_factory):
+    """A directory with the library installed from the npm registry (node and npm from Debian if missing)."""
+    if not shutil.which("npm"):
+        apt_install("nodejs", "npm")
+    directory = tmp_path_factory.mktemp("emf")
+    proc = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--no-save", EMF_PACKAGE],
+                          cwd=directory, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        unavailable(f"npm install {EMF_PACKAGE} failed: {proc.stderr[-500:]}")
+    (directory / "job.js").write_text(EMF_SCRIPT)
+    return directory
+
+
+def emf_properties(directory, metadata_url: str) -> dict:
+    """The EMF document the library sends to its agent (a TCP listener here) from a run with
+    ECS_CONTAINER_METADATA_URI=metadata_url: its properties are what it learned from the metadata."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(30)
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        env.update(ECS_CONTAINER_METADATA_URI=metadata_url,
+                   AWS_EMF_AGENT_ENDPOINT=f"tcp://127.0.0.1:{listener.getsockname()[1]}")
+        proc = subprocess.Popen(["node", "job.js"], cwd=directory, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            connection, _ = listener.accept()
+            with connection, connection.makefile("rb") as stream:
+                line = stream.readline()
+            assert proc.wait(30) == 0, proc.stdout.read()
+        finally:
+            proc.kill()
+            proc.wait()
+    return json.loads(line)
+
+
+def test_embedded_metrics_reads_the_ecs_labels(fleet, server, emf_library):
+    """The library's ECS environment gets the cluster and the task ARN from /v3/{name} and
+    /v4/{name}: the values the task document shows, the cluster as an ARN."""
+    name = fleet.names["a-web"]
+    task = get_json(server, f"/v4/{name}/task")
+    region_account = task["TaskARN"].rsplit(":", 1)[0]
+    for path in (f"/v3/{name}", f"/v4/{name}"):
+        document = emf_properties(emf_library, server.url + path)
+        assert document["cluster"] == f"{region_account}:cluster/ecs-local-cluster", path
+        assert document["taskArn"] == task["TaskARN"], path
+        assert document["image"] == "local-endpoints-test/busybox:latest", path
+        assert document["JobsDone"] == 1
+        assert document["_aws"]["CloudWatchMetrics"][0]["Metrics"] == [{"Name": "JobsDone", "Unit": "Count"}]
 
 
 # ---------------------------------------------------------------------------
@@ -921,7 +1151,8 @@ def test_docker_restart_while_serving(fleet, start_server, docker_engine, contai
     for s in (server, started_down):
         assert wait_for(lambda: recovered(s), 15, 0.2), s.log()[-3000:]
         doc = get_json(s, f"/v4/{name}")
-        check_container(doc, docker_engine.inspect(cid), 4, {"bridge": docker_engine.inspect("bridge")})
+        check_container(doc, docker_engine.inspect(cid), 4, {"bridge": docker_engine.inspect("bridge")},
+                        get_json(s, f"/v4/{name}/task"))
         assert wait_for(lambda: s.get(f"/v4/{name}/stats")[0] == 200, 10)
         stats = get_json(s, f"/v4/{name}/stats")
         assert stats["id"] == cid and parse_time(stats["read"]) > parse_time(inspect["State"]["StartedAt"])
