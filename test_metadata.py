@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 
@@ -491,6 +492,8 @@ def test_task_metadata_builder_v4_fields():
     drift = doc["ClockDrift"]
     assert drift["ReferenceTimestamp"] == "2024-01-02T03:00:00Z"
     # The host kernel's own account (busybox's adjtimex applet reads the same adjtimex(2)).
+    if not shutil.which("busybox"):
+        apt_install("busybox-static")
     kernel = subprocess.run(["busybox", "adjtimex"], capture_output=True, text=True, check=True).stdout
     maxerror = int(re.search(r"maxerror:\s+(\d+)", kernel).group(1))
     unsynchronized = "return value: 5" in kernel
@@ -957,8 +960,9 @@ def test_opentelemetry_ecs_detector(fleet, server, start_server, docker_engine, 
 
 # CloudWatch's Embedded Metric Format client for Node. Its ECS environment fetches
 # $ECS_CONTAINER_METADATA_URI and takes the cluster and the task ARN from the ECS labels.
-# (The PyPI package of the same name has no ECS environment.) Pinned in requirements-dev.txt.
-EMF_PACKAGE = "aws-embedded-metrics@4.2.1"
+# (The PyPI package of the same name has no ECS environment.) Its pin is in requirements-dev.txt.
+EMF_PACKAGE = "aws-embedded-metrics@" + re.search(
+    r"aws-embedded-metrics==(\S+)", (Path(__file__).parent / "requirements-dev.txt").read_text()).group(1)
 
 EMF_SCRIPT = """
 const { metricScope } = require('aws-embedded-metrics');
