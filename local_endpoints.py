@@ -10,7 +10,8 @@ ECS or Fargate:
   ``/latest/``) gives them, for SDKs pointed at it with
   ``AWS_EC2_METADATA_SERVICE_ENDPOINT`` from any network;
 * task metadata and stats (v2, v3, v4) built from the live Docker Engine
-  (or podman's Docker API).
+  (or podman's Docker API);
+* task scale-in protection at ``ECS_AGENT_URI`` (``/api/{id}/task-protection/v1/state``).
 
 Reading guide for auditors: every route is in ``ROUTES`` near the end of the
 file, written as a rule such as ``/v{version:3|4}[/{ident:container}]/task``
@@ -19,7 +20,7 @@ method of ``Endpoints``.  Every outbound call is a named method of one of two
 classes: ``DockerClient`` (version, containers, inspect, networks, events,
 stats: the Docker Engine API over its socket) and ``AwsIdentity`` (boto3's
 credential chain; get_session_token, get_caller_identity, get_role, assume_role
-on STS and IAM).  Routes that hand out credentials are marked ``guarded`` in the
+on STS and IAM).  Routes that hand out credentials or change state are marked ``guarded`` in the
 table; ``CallerPolicy`` decides who may call them.  The IMDS routes hand them out
 too but are not marked, since SDKs send IMDS no Authorization header:
 ``Endpoints._imds_admit`` applies the allowlist and IMDS's session tokens.  Every setting is one row of
