@@ -20,6 +20,7 @@ import secrets as token_source
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -166,6 +167,23 @@ def test_the_watcher_logs_the_end_without_any_request(caplog):
     assert wait_for(lambda: "task protection of t ended: expired" in protection_lines(caplog), 5)
     watcher.join(5)
     assert not watcher.is_alive()
+
+
+def test_docker_unreachable_is_the_agents_server_exception(tmp_path):
+    """With no Docker Engine behind the socket, the task cannot be looked up: the agent's 500."""
+    config = local_endpoints.load_config(local_endpoints.parse_args([]),
+                                         {"DOCKER_HOST": f"unix://{tmp_path}/missing.sock"})
+    endpoints = local_endpoints.Endpoints(config)
+    for handler, body in ((endpoints.protection_state, b""),
+                          (endpoints.update_protection, b'{"ProtectionEnabled":true}')):
+        request = local_endpoints.Request({"ident": "web"}, local_endpoints.plain_ip("127.0.0.1"),
+                                          local_endpoints.email.message.Message(), time.monotonic(), body)
+        with pytest.raises(local_endpoints.TaskProtectionError) as caught:
+            handler(request)
+        response = caught.value.response()
+        assert response.status == 500
+        assert response.body.startswith(b'{"error":{"Code":"ServerException","Message":'
+                                        b'"Failed to find a task for the request: ')
 
 
 # ---------------------------------------------------------------------------
