@@ -2297,11 +2297,10 @@ class Endpoints:
         return self._task_identity(caller).arn
 
     def _live_tasks(self) -> set[str] | None:
-        """ARNs of the tasks that still have containers; None while Docker is unreachable."""
+        """ARNs of the tasks that still have containers, stopped or not; None while Docker is unreachable."""
         if not self.view.reachable:
             return None
-        return {self._task_identity(c).arn for c in self.view.current().containers.values()
-                if c["State"].get("Running") or COMPOSE_PROJECT in labels_of(c)}
+        return {self._task_identity(c).arn for c in self.view.current().containers.values()}
 
     def protection_state(self, request: Request) -> bytes:
         return go_json(self.protection.state(self._protected_task(request)))
