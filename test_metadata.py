@@ -46,9 +46,10 @@ TASK_ARN_RE = re.compile(r"arn:aws:ecs:(?P<region>[a-z0-9-]+):(?P<account>\d{12}
                          r"task/(?P<cluster>[^/]+)/(?P<task>[^/]+)")
 CONTAINER_ARN_RE = re.compile(r"arn:aws:ecs:(?P<region>[a-z0-9-]+):(?P<account>\d{12}):"
                               r"container/(?P<cluster>[^/]+)/(?P<task>[^/]+)/(?P<container>[0-9a-f-]{36})")
-V4_ONLY_CONTAINER_KEYS = {"ContainerARN", "LogDriver", "LogOptions", "RestartCount"}
-V4_ONLY_NETWORK_KEYS = {"AttachmentIndex", "IPv4SubnetCIDRBlock", "MACAddress", "SubnetGatewayIpv4Address",
-                        "DomainNameServers", "PrivateDNSName"}
+V4_ONLY_CONTAINER_KEYS = {"ContainerARN", "LogDriver", "LogOptions", "RestartCount", "Snapshotter"}
+V4_ONLY_NETWORK_KEYS = {"AttachmentIndex", "IPv4SubnetCIDRBlock", "IPv6SubnetCIDRBlock", "MACAddress",
+                        "SubnetGatewayIpv4Address", "SubnetGatewayIpv6Address", "DomainNameServers",
+                        "DomainNameSearchList", "PrivateDNSName"}
 SLEEP = ("sleep", "3600")
 BUSY = ("sh", "-c", "while :; do :; done")
 
@@ -447,6 +448,13 @@ def test_builder_applies_the_agents_omission_rules():
     assert [n["NetworkMode"] for n in doc["Networks"]] == ["awsvpc", "awsvpc"]   # Fargate: awsvpc only
     assert doc["Networks"][1]["AttachmentIndex"] == 1
 
+    # The IPv6 gateway only for an IPv6-only endpoint, as the agent gives it for IPv6-only ENIs.
+    container["NetworkSettings"]["Networks"] = {"v6": {
+        "GlobalIPv6Address": "fd00:2::7", "GlobalIPv6PrefixLen": 64, "IPv6Gateway": "fd00:2::1"}}
+    [v6] = local_endpoints.container_metadata(container, 4, fargate)["Networks"]
+    assert v6["SubnetGatewayIpv6Address"] == "fd00:2::1/64" and "SubnetGatewayIpv4Address" not in v6
+    assert v6["IPv6SubnetCIDRBlock"] == "fd00:2::/64" and "IPv4Addresses" not in v6
+
 
 def test_task_metadata_builder_limits():
     """Task Limits are the sums in vCPU and MiB, and omitted when no container sets one."""
@@ -487,6 +495,8 @@ def test_task_metadata_builder_v4_fields():
     now = datetime(2024, 1, 2, 3, 0, 0, tzinfo=timezone.utc)
     doc = local_endpoints.task_metadata([stopped], 4, fargate, config, False, [], now)
     assert "VPCID" not in doc and doc["AvailabilityZoneID"] == "usw2-az1"   # VPCID: EC2 only
+    v3 = local_endpoints.task_metadata([stopped], 3, fargate, config, False, [], now)
+    assert not {"ClockDrift", "EphemeralStorageMetrics", "AvailabilityZoneID", "FaultInjectionEnabled"} & set(v3)
     assert doc["ExecutionStoppedAt"] == "2024-01-02T02:00:00.25Z"
     assert doc["EphemeralStorageMetrics"] == {"Utilized": 0, "Reserved": 20496}
     drift = doc["ClockDrift"]
