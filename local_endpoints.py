@@ -1411,6 +1411,7 @@ TASK_ID_NAMESPACE = uuid.UUID("4d7c1b0e-7a7e-4f41-9d38-0d4a7e2f3c10")
 MINIMUM_CPU_UNITS = 2                  # the agent's floor for a container's Limits.CPU
 FARGATE_EPHEMERAL_STORAGE_MIB = 20496  # Fargate's default 20 GiB, as its task metadata reports it
 TIME_ERROR = 5                         # adjtimex(2): the clock is not synchronized
+DEFAULT_BRIDGES = ("bridge", "podman")  # the default network of Docker, of podman
 
 
 @dataclass(frozen=True)
@@ -1499,13 +1500,13 @@ def ports_of(container: dict, version: int) -> list[dict]:
 
 
 def network_mode(network: str, launch_type: str) -> str:
-    """ECS's name for the mode of a Docker network.
+    """ECS's name for the mode of a Docker network, which the agent reports by the network's name.
 
-    Docker's host and none networks are ECS's host and none modes, and its default bridge is
-    ECS's bridge mode; a network of one's own (compose makes one per project) stands for the
-    task's ENI, ECS's awsvpc mode.  Fargate runs nothing but awsvpc.
+    Docker's host and none networks are ECS's host and none modes, and the engine's default
+    bridge is ECS's bridge mode; a network of one's own (compose makes one per project) stands
+    for the task's ENI, ECS's awsvpc mode.  Fargate runs nothing but awsvpc.
     """
-    if network in ("host", "none") or (network == "bridge" and launch_type != "FARGATE"):
+    if network in ("host", "none") or (network in DEFAULT_BRIDGES and launch_type != "FARGATE"):
         return network
     return "awsvpc"
 
@@ -1524,7 +1525,7 @@ def interface_properties(container: dict, network: str, endpoint: dict, index: i
     if endpoint.get("MacAddress"):
         entry["MACAddress"] = endpoint["MacAddress"]
     # User-defined networks resolve through Docker's embedded DNS server.
-    dns = host_config.get("Dns") or ([] if network == "bridge" else ["127.0.0.11"])
+    dns = host_config.get("Dns") or ([] if network in DEFAULT_BRIDGES else ["127.0.0.11"])
     if dns:
         entry["DomainNameServers"] = list(dns)
     if host_config.get("DnsSearch"):
