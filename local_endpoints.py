@@ -306,6 +306,10 @@ SETTINGS: tuple[Setting, ...] = (
             "the role whose credentials IMDS hands out, by name or ARN", shown_default="those of /creds"),
     Setting("ECS_LOCAL_IMDS_V1", "imds_v1", "false", boolean,
             "let IMDS callers in without a session token (IMDSv1)"),
+    Setting("ECS_LOCAL_STATS", "stats", "eager", choice("EAGER", "ON-DEMAND"),
+            "eager: collect every running container's stats from its start, so the first stats request "
+            "answers at once (costs per container: see README, Performance); on-demand: from the first "
+            "request for it"),
 )
 
 
@@ -343,6 +347,7 @@ class Config:
     imds: str
     imds_role: str | None
     imds_v1: bool
+    stats: str   # EAGER or ON-DEMAND
 
 
 def settings_help() -> str:
@@ -762,8 +767,9 @@ class ContainerView:
     RESYNC_SECONDS = 60.0
     RETRY_SECONDS = 1.0
 
-    def __init__(self, docker: DockerClient):
+    def __init__(self, docker: DockerClient, on_change: Callable[[Snapshot], None] = lambda snapshot: None):
         self.docker = docker
+        self._on_change = on_change   # told of every new container list, in order (StatsHub.follow)
         self._snapshot = Snapshot({}, {})
         self._synced = False
         self._sync_started = 0.0
@@ -812,6 +818,7 @@ class ContainerView:
                                           health_transitions(self._snapshot.health, containers))
                 self._synced = True
                 self._last_failure = None
+                self._on_change(self._snapshot)
             return self._snapshot
         except ApiError as exc:
             self._synced = False
@@ -833,6 +840,7 @@ class ContainerView:
                 containers[container_id] = data
             self._snapshot = Snapshot(containers, self._snapshot.networks,
                                       health_transitions(self._snapshot.health, containers))
+            self._on_change(self._snapshot)
         if data is not None and outside_networks(data, self._snapshot.networks):
             self._refresh_networks()
 
@@ -1939,6 +1947,7 @@ class StatsCollector:
         self._on_end = on_end
         self._samples: tuple[dict, ...] = ()
         self._done = False
+        self._stopping = False
         self._changed = threading.Condition()
         threading.Thread(target=self._run, name=f"stats-{container_id[:12]}", daemon=True).start()
 
@@ -1948,7 +1957,7 @@ class StatsCollector:
                 with self._changed:
                     self._samples = (self._samples[-1:] + (frame,))
                     self._changed.notify_all()
-                if not parse_docker_time(frame.get("read")):
+                if self._stopping or not parse_docker_time(frame.get("read")):
                     break   # Docker streams zero samples for a stopped container
         except (ApiError, LookupError) as exc:
             log.debug("stats stream of %s ended: %s", self.container_id[:12], exc)
@@ -1960,31 +1969,57 @@ class StatsCollector:
                 self._changed.notify_all()
             self._on_end(self)
 
+    def stop(self) -> None:
+        """End the stream at its next frame (Docker sends one a second, and ends it itself
+        when the container stops)."""
+        self._stopping = True
+
     def sample(self, deadline: float) -> tuple[dict, dict | None] | None:
         """(latest, previous) once the latest carries a real precpu_stats; None by the deadline."""
         with self._changed:
-            while not self._done and not self._ready():
+            while not self._done and not self.ready:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._changed.wait(remaining)
-            if not self._ready():
+            if not self.ready:
                 return None
             latest = self._samples[-1]
             return latest, (self._samples[-2] if len(self._samples) > 1 else None)
 
-    def _ready(self) -> bool:
-        # Docker's first streamed frame has an empty precpu_stats.
+    @property
+    def ready(self) -> bool:
+        """The latest sample has a real precpu_stats (Docker's first streamed frame has not)."""
         return bool(self._samples) and bool(parse_docker_time(self._samples[-1].get("preread")))
 
 
 class StatsHub:
-    """The collectors of running containers: started when first asked about, gone when they stop."""
+    """The collectors of running containers, gone when they stop.
 
-    def __init__(self, docker: DockerClient):
+    Eager (the default, as the ECS agent does): a collector starts when the
+    container view first sees a container running, at start-up or when Docker
+    reports it started, so the first stats request finds two samples in memory.
+    On demand: a collector starts with the first stats request for its container,
+    which then waits for Docker's first complete sample (about a second).
+    Either way a request for a container without a collector starts one.
+    """
+
+    def __init__(self, docker: DockerClient, eager: bool):
         self._docker = docker
+        self.eager = eager
         self._collectors: dict[str, StatsCollector] = {}
         self._lock = threading.Lock()
+
+    def follow(self, snapshot: Snapshot) -> None:
+        """Eager mode: collectors for exactly the running containers of a new snapshot."""
+        if not self.eager:
+            return
+        running = {c["Id"] for c in snapshot.running()}
+        with self._lock:
+            for container_id in running - self._collectors.keys():
+                self._collectors[container_id] = StatsCollector(self._docker, container_id, self._forget)
+            for container_id in self._collectors.keys() - running:
+                self._collectors.pop(container_id).stop()
 
     def _collector(self, container_id: str) -> StatsCollector:
         with self._lock:
@@ -2001,6 +2036,10 @@ class StatsHub:
 
     def active(self) -> int:
         return len(self._collectors)
+
+    def ready(self) -> int:
+        """Collectors holding two real samples: what a stats request would answer at once."""
+        return sum(collector.ready for collector in list(self._collectors.values()))
 
     def samples(self, container_ids: list[str]) -> dict[str, tuple[dict, dict | None] | None]:
         """Latest samples of several containers, waiting for all of them together."""
@@ -2043,8 +2082,8 @@ class Endpoints:
         self.identity = AwsIdentity(config)
         self.vendor = CredentialVendor(self.identity, config)
         self.docker = DockerClient(config.docker_host or default_docker_host(os.environ))
-        self.view = ContainerView(self.docker)
-        self.stats = StatsHub(self.docker)
+        self.stats = StatsHub(self.docker, eager=config.stats == "EAGER")
+        self.view = ContainerView(self.docker, self.stats.follow)
         self.policy = CallerPolicy(config, self.view)
         self.container_override = JsonOverride(config.container_metadata_path)
         self.task_override = JsonOverride(config.task_metadata_path)
@@ -2180,7 +2219,7 @@ class Endpoints:
         except Exception as exc:
             credentials = {"resolved": False, "error": aws_error(exc, "health", self.identity.profile).code}
         return {"status": "ok", "version": VERSION, "docker": docker, "credentials": credentials,
-                "statsCollectors": self.stats.active()}
+                "statsCollectors": self.stats.active(), "statsReady": self.stats.ready()}
 
     # -- metadata ------------------------------------------------------------
 

@@ -1117,7 +1117,8 @@ def test_container_stopped_mid_run(fleet, start_server, docker_engine, container
     names = [f"le-{fleet.token}-c-{n}" for n in ("keep", "stop")]
     keep, stop = (containers.run("--name", n, "--label", f"{COMPOSE_PROJECT}={project}", "--init",
                                  busybox_image, *SLEEP) for n in names)
-    server = start_server(env={"DOCKER_HOST": docker_engine.host})   # no collector yet: the request waits
+    # on-demand: no collector yet, so the request waits while the container stops
+    server = start_server(env={"DOCKER_HOST": docker_engine.host, "ECS_LOCAL_STATS": "on-demand"})
     replies = {}
     request = threading.Thread(target=lambda: replies.update(v4=server.get(f"/v4/{names[0]}/task/stats")))
     request.start()
