@@ -771,6 +771,7 @@ class ContainerView:
         self.docker = docker
         self._on_change = on_change   # told of every new container list, in order (StatsHub.follow)
         self._snapshot = Snapshot({}, {})
+        self._empty = Snapshot({}, {})   # what current() shows while Docker is unreachable
         self._synced = False
         self._sync_started = 0.0
         self._last_failure: tuple[float, ApiError] | None = None
@@ -783,7 +784,7 @@ class ContainerView:
 
     def current(self) -> Snapshot:
         """What is known now, without calling Docker (empty while Docker is unreachable)."""
-        return self._snapshot if self._synced else Snapshot({}, {})
+        return self._snapshot if self._synced else self._empty
 
     def snapshot(self) -> Snapshot:
         """The current view, synchronising first if Docker was unreachable."""
@@ -1304,8 +1305,12 @@ class CredentialVendor:
 ALWAYS_ALLOWED = tuple(ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10"))
 
 
+@functools.lru_cache(maxsize=1024)
 def plain_ip(address: str) -> IPAddress:
-    """The caller's address, with IPv4-mapped IPv6 (::ffff:a.b.c.d) compared as IPv4."""
+    """The caller's address, with IPv4-mapped IPv6 (::ffff:a.b.c.d) compared as IPv4.
+
+    Remembered per address text: parsing one costs microseconds, and callers repeat.
+    """
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
         return ip.ipv4_mapped
@@ -1315,11 +1320,15 @@ def plain_ip(address: str) -> IPAddress:
 class CallerPolicy:
     """The allowlist of caller networks and the optional authorization token."""
 
+    MAX_VERDICTS = 1024   # callers remembered; the memo starts again when full
+
     def __init__(self, config: Config, view: ContainerView):
         self._explicit = config.allowed_callers
         self._token = config.authorization_token or (
             read_token_file(config.authorization_token_file) if config.authorization_token_file else None)
         self._view = view
+        # (bridge subnets it holds for, caller -> allowed): replaced when the subnets change.
+        self._verdicts: tuple[tuple[IPNetwork, ...] | None, dict[IPAddress, bool]] = (None, {})
 
     def allowed_networks(self) -> tuple[IPNetwork, ...]:
         if self._explicit is not None:
@@ -1338,9 +1347,22 @@ class CallerPolicy:
                            "missing or wrong Authorization header: set AWS_CONTAINER_AUTHORIZATION_TOKEN in "
                            "the container to the server's ECS_LOCAL_AUTHORIZATION_TOKEN")
 
+    def allows(self, caller: IPAddress) -> bool:
+        """caller is in an allowed network: worked out once per caller while the networks stay
+        the same (each ipaddress containment test costs about a microsecond)."""
+        subnets = self._view.current().bridge_subnets if self._explicit is None else None
+        held_for, verdicts = self._verdicts
+        if held_for is not subnets or len(verdicts) >= self.MAX_VERDICTS:
+            verdicts = {}
+            self._verdicts = (subnets, verdicts)
+        verdict = verdicts.get(caller)
+        if verdict is None:
+            verdict = verdicts[caller] = any(caller in network for network in self.allowed_networks())
+        return verdict
+
     def check_caller(self, caller: IPAddress) -> None:
         """The allowlist alone: IMDS callers send no Authorization header."""
-        if not any(caller in network for network in self.allowed_networks()):
+        if not self.allows(caller):
             log.warning("refused credentials to %s: not in the allowed callers", caller)
             raise ApiError(403, "CallerNotAllowed",
                            f"{caller} may not fetch credentials: allowed are loopback, link-local and the "
@@ -2073,6 +2095,13 @@ class Request:
         return self.headers.get("Authorization")
 
 
+@functools.lru_cache(maxsize=256)
+def credentials_body(credentials: Credentials) -> bytes:
+    """A credentials response, encoded once: the vendor hands out the same credentials until
+    they are refreshed, so a warm request need not format the expiry and encode JSON again."""
+    return json.dumps(credentials.response()).encode()
+
+
 class Endpoints:
     """The handlers: one small method per route, each returning a JSON-able body, metadata
     already encoded as JSON bytes (memoized per Docker snapshot), or a Response."""
@@ -2097,14 +2126,14 @@ class Endpoints:
 
     # -- credentials ---------------------------------------------------------
 
-    def creds(self, request: Request) -> dict:
-        return self.vendor.own().response()
+    def creds(self, request: Request) -> bytes:
+        return credentials_body(self.vendor.own())
 
-    def role(self, request: Request) -> dict:
-        return self.vendor.role(request.params["name"]).response()
+    def role(self, request: Request) -> bytes:
+        return credentials_body(self.vendor.role(request.params["name"]))
 
-    def role_arn(self, request: Request) -> dict:
-        return self.vendor.role_arn(request.params["arn"]).response()
+    def role_arn(self, request: Request) -> bytes:
+        return credentials_body(self.vendor.role_arn(request.params["arn"]))
 
     # -- IMDSv2: SDKs' last resort, at AWS_EC2_METADATA_SERVICE_ENDPOINT ------------
 
@@ -2442,17 +2471,49 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
+def first_segments(rule: str) -> tuple[str, ...] | None:
+    """The first path segments a rule can match ('/v{version:3|4}/...' -> v3, v4), or None
+    when it can match any ({name} or an optional part in its first segment)."""
+    head = re.match(r"/[^/\[]*", rule).group()[1:]
+    if rule[len(head) + 1:].startswith("[") and not rule[len(head) + 2:].startswith(("/", "[/")):
+        return None
+    words = [""]
+    for piece in re.split(r"(\{[^}]*\})", head):
+        if piece.startswith("{"):
+            kind = piece[1:-1].partition(":")[2]
+            if kind in SEGMENT_PATTERNS:
+                return None
+            words = [word + choice for word in words for choice in kind.split("|")]
+        else:
+            words = [word + piece for word in words]
+    return tuple(words)
+
+
+def index_routes(routes: tuple[Route, ...]) -> dict[str | None, tuple[Route, ...]]:
+    """First path segment -> the routes that may match it, in table order (None: any other
+    segment), so that resolve() tries a few patterns instead of the whole table."""
+    firsts = [(r, first_segments(r.rule)) for r in routes]
+    segments = sorted({word for _, words in firsts for word in words or ()})
+    return {segment: tuple(r for r, words in firsts if words is None or segment in words)
+            for segment in (*segments, None)}
+
+
+ROUTE_INDEX = index_routes(ROUTES)
+
+
 def normalize_path(target: str) -> str:
     """The request path percent-decoded once, without query, duplicate or trailing slashes."""
-    path = unquote(target.split("?", 1)[0].split("#", 1)[0], errors="replace")
-    path = re.sub(r"/{2,}", "/", path)
+    path = unquote(target.partition("?")[0].partition("#")[0], errors="replace")
+    if "//" in path:
+        path = re.sub(r"/{2,}", "/", path)
     return path.rstrip("/") or "/"
 
 
 def resolve(method: str, path: str) -> tuple[Route, dict[str, Any]]:
     """The route for a request, or 404 / 405 (with Allow) as ApiError."""
     allowed = set()
-    for candidate in ROUTES:
+    segment = path[1:].partition("/")[0]
+    for candidate in ROUTE_INDEX.get(segment) or ROUTE_INDEX[None]:
         match = candidate.pattern.fullmatch(path)
         if match:
             if method in (candidate.method, "HEAD" if candidate.method == "GET" else None):
@@ -2472,6 +2533,48 @@ def resolve(method: str, path: str) -> tuple[Route, dict[str, Any]]:
 CLIENT_TIMEOUT = 5.0   # the ECS agent's read and write timeouts
 MAX_BODY = 64 * 1024
 SERVER_NAME = f"local-endpoints/{VERSION}"
+MAX_HEADER_LINE = 65536   # http.client's limits on a request's header block
+MAX_HEADER_LINES = 100
+
+
+class HeadersTooLarge(Exception):
+    """A header line over MAX_HEADER_LINE bytes, or more than MAX_HEADER_LINES lines: 431."""
+
+
+def read_headers(rfile: Any) -> http.client.HTTPMessage:
+    """A request's header block as http.server would make it, without the email package's parser.
+
+    http.server gives the block to email.parser, which costs more than all the rest of
+    a cached credentials request (issue 12's profile).  The fields are 'name: value' lines;
+    as in the email parser, a line starting with a space or tab continues the field before,
+    and a line that is not a field ends the fields (the rest of the block is read, unused;
+    email would skip an mbox 'From ' line instead, which no HTTP client sends).
+    """
+    headers = http.client.HTTPMessage()
+    name = value = ""
+    ended = False
+    for count in range(MAX_HEADER_LINES + 1):
+        raw = rfile.readline(MAX_HEADER_LINE + 1)
+        if len(raw) > MAX_HEADER_LINE:
+            raise HeadersTooLarge("Line too long")
+        if raw in (b"\r\n", b"\n", b""):
+            break
+        if count == MAX_HEADER_LINES:
+            raise HeadersTooLarge("Too many headers")
+        line = raw.decode("iso-8859-1")
+        if ended:
+            continue
+        if line[0] in " \t":
+            value += line if name else ""
+            continue
+        if name:
+            headers.set_raw(name, value.lstrip(" \t").rstrip("\r\n"))
+        name, colon, value = line.partition(":")
+        if not colon or " " in name or not (name.isascii() and name.isprintable()):
+            name, ended = "", True
+    if name:
+        headers.set_raw(name, value.lstrip(" \t").rstrip("\r\n"))
+    return headers
 
 
 def printable(text: str, limit: int) -> str:
@@ -2491,11 +2594,13 @@ def as_response(result: Any) -> Response:
     return Response(result if isinstance(result, bytes) else json.dumps(result).encode())
 
 
-def encode_response(response: Response, close: bool, head_only: bool = False) -> bytes:
+STATUS_LINES = {status.value: f"HTTP/1.1 {status.value} {status.phrase}" for status in HTTPStatus}
+
+
+def encode_response(response: Response, close: bool, date: str, head_only: bool = False) -> bytes:
     """The whole HTTP/1.1 response as one piece of bytes: every answer is written by this."""
-    lines = [f"HTTP/1.1 {response.status} {HTTPStatus(response.status).phrase}", f"Server: {SERVER_NAME}",
-             f"Date: {email.utils.formatdate(usegmt=True)}", f"Content-Type: {response.content_type}",
-             f"Content-Length: {len(response.body)}"]
+    lines = [STATUS_LINES[response.status], f"Server: {SERVER_NAME}", f"Date: {date}",
+             f"Content-Type: {response.content_type}", f"Content-Length: {len(response.body)}"]
     lines += [f"{name}: {value}" for name, value in response.headers.items()]
     if close:
         lines.append("Connection: close")
@@ -2541,6 +2646,49 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             self.server.deadlines.pop(self, None)
+
+    def parse_request(self) -> bool:
+        """http.server's parse_request (same statuses, same Connection and Expect handling),
+        with the headers read by read_headers()."""
+        self.command, self.request_version, self.close_connection = None, self.default_request_version, True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if not words:
+            return False
+        if len(words) >= 3:
+            version = words[-1]
+            numbers = version[5:].split(".") if version.startswith("HTTP/") else []
+            if len(numbers) != 2 or not all(n.isdigit() and len(n) <= 10 for n in numbers):
+                self.send_error(HTTPStatus.BAD_REQUEST, f"Bad request version ({version!r})")
+                return False
+            if (int(numbers[0]), int(numbers[1])) >= (2, 0):
+                self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, f"Invalid HTTP version ({version[5:]})")
+                return False
+            self.close_connection = (int(numbers[0]), int(numbers[1])) < (1, 1)
+            self.request_version = version
+        if not 2 <= len(words) <= 3:
+            self.send_error(HTTPStatus.BAD_REQUEST, f"Bad request syntax ({self.requestline!r})")
+            return False
+        command, path = words[:2]
+        if len(words) == 2:
+            self.close_connection = True
+            if command != "GET":
+                self.send_error(HTTPStatus.BAD_REQUEST, f"Bad HTTP/0.9 request type ({command!r})")
+                return False
+        self.command, self.path = command, "/" + path.lstrip("/") if path.startswith("//") else path
+        try:
+            self.headers = read_headers(self.rfile)
+        except HeadersTooLarge as exc:
+            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, str(exc))
+            return False
+        connection = self.headers.get("Connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        if self.headers.get("Expect", "").lower() == "100-continue" and self.request_version >= "HTTP/1.1":
+            return self.handle_expect_100()
+        return True
 
     def dispatch(self) -> None:
         self.write_response(self.answer())
@@ -2591,9 +2739,11 @@ class RequestHandler(BaseHTTPRequestHandler):
     def write_response(self, response: Response) -> None:
         """Status line, headers and body in one write: no Nagle + delayed-ACK stall, one syscall."""
         self.server.deadlines[self] = time.monotonic() + CLIENT_TIMEOUT   # a client that never reads
-        self.wfile.write(encode_response(response, self.close_connection, head_only=self.command == "HEAD"))
+        self.wfile.write(encode_response(response, self.close_connection, self.server.date(),
+                                         head_only=self.command == "HEAD"))
         self.server.deadlines.pop(self, None)
-        self.log_access(response.status)
+        if log.isEnabledFor(logging.INFO):   # formatting the line costs microseconds
+            self.log_access(response.status)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (400, 414, 431, 501, 505) as our JSON body, not HTML."""
@@ -2624,8 +2774,16 @@ class EndpointsServer(ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(max_connections)
         # Handler -> when its current read or write must be done; see reap().
         self.deadlines: dict[RequestHandler, float] = {}
+        self._date: tuple[int, str] = (0, "")   # (second, Date header value of that second)
         super().__init__(address, RequestHandler)
         threading.Thread(target=self.reap, name="reaper", daemon=True).start()
+
+    def date(self) -> str:
+        """The Date header's value, formatted once a second rather than for every response."""
+        second = int(time.time())
+        if self._date[0] != second:
+            self._date = (second, email.utils.formatdate(second, usegmt=True))
+        return self._date[1]
 
     def reap(self) -> None:
         """Close the connections of handlers past their deadline.
@@ -2672,7 +2830,7 @@ class EndpointsServer(ThreadingHTTPServer):
         refusal = ApiError(503, "TooManyConnections", "too many open connections; retry").response()
         try:
             request.settimeout(0.2)
-            request.sendall(encode_response(refusal, close=True))
+            request.sendall(encode_response(refusal, close=True, date=self.date()))
         except OSError:
             pass
         self.shutdown_request(request)
