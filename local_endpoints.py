@@ -2557,10 +2557,10 @@ def read_headers(rfile: Any) -> http.client.HTTPMessage:
         raw = rfile.readline(MAX_HEADER_LINE + 1)
         if len(raw) > MAX_HEADER_LINE:
             raise HeadersTooLarge("Line too long")
+        if count == MAX_HEADER_LINES:   # the blank line counts, as in http.client
+            raise HeadersTooLarge("Too many headers")
         if raw in (b"\r\n", b"\n", b""):
             break
-        if count == MAX_HEADER_LINES:
-            raise HeadersTooLarge("Too many headers")
         line = raw.decode("iso-8859-1")
         if ended:
             continue
