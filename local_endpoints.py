@@ -2683,7 +2683,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             if command != "GET":
                 self.send_error(HTTPStatus.BAD_REQUEST, f"Bad HTTP/0.9 request type ({command!r})")
                 return False
-        self.command, self.path = command, "/" + path.lstrip("/") if path.startswith("//") else path
+        self.command, self.path = command, ("/" + path.lstrip("/") if path.startswith("//") else path)
         try:
             self.headers = read_headers(self.rfile)
         except HeadersTooLarge as exc:
