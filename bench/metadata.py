@@ -72,7 +72,7 @@ def main() -> int:
         for label, m in measured.items():
             if label != DOCKER:
                 verdict(m.p50 <= MAX_P50_RATIO * docker.p50,
-                        f"{label} with {clients} client(s): p50 {m.p50 / docker.p50:.3f}x the direct "
+                        f"{label} with {clients} connection(s): p50 {m.p50 / docker.p50:.3f}x the direct "
                         f"Docker call's (target <= {MAX_P50_RATIO:.3f}x)")
     for failure in failures:
         print(f"FAILED  {failure}")

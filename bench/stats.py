@@ -71,7 +71,7 @@ def main() -> int:
         failures += benchlib.errors_of(by_label)
         for label, m in by_label.items():
             verdict(direct.p50 >= MIN_SPEEDUP * m.p50,
-                    f"{label} with {clients} client(s): p50 {direct.p50 / m.p50:.0f}x faster than the direct "
+                    f"{label} with {clients} connection(s): p50 {direct.p50 / m.p50:.0f}x faster than the direct "
                     f"call (target >= {MIN_SPEEDUP}x)")
     for failure in failures:
         print(f"FAILED  {failure}")
