@@ -576,6 +576,26 @@ def test_audit_trail_of_served_cached_and_refused_requests(start_server, moto, s
     no_secrets_in(secrets, server.log(), audit.read_text())
 
 
+def test_imds_credentials_are_in_the_audit_trail(start_server, moto, secrets, tmp_path):
+    """The IMDS credentials route hands out credentials too: served and refused answers are recorded
+    (its access line stays: IMDS is not a guarded route)."""
+    audit = tmp_path / "audit.jsonl"
+    server = start_server(env=aws_env(moto, ECS_LOCAL_AUDIT_LOG=audit))
+    path = "/latest/meta-data/iam/security-credentials/local-endpoints"
+    status, _, session = server.request("PUT", "/latest/api/token",
+                                        {"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+    assert status == 200
+    secrets.add(session.decode(), "IMDS session token")
+    document = vended(secrets, server.get(path, {"X-aws-ec2-metadata-token": session.decode()}))
+    assert server.get(path, {"X-aws-ec2-metadata-token": "wrong-token-0123456789"})[0] == 401
+    served, refused = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert (served["route"], served["accessKeyId"], served["outcome"]) == (path, document["AccessKeyId"], "served")
+    assert served["role"] == f"arn:aws:sts::{ACCOUNT}:user/moto"
+    assert (refused["route"], refused["outcome"], refused["accessKeyId"]) == (path, "Unauthorized", None)
+    assert f"route={path} caller=127.0.0.1" in server.log()
+    no_secrets_in(secrets, server.log(), audit.read_text())
+
+
 def test_unwritable_audit_log_stops_startup(tmp_path):
     result = subprocess.run([sys.executable, "local_endpoints.py", "--port", "0"], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=20,
