@@ -596,6 +596,21 @@ def test_imds_credentials_are_in_the_audit_trail(start_server, moto, secrets, tm
     no_secrets_in(secrets, server.log(), audit.read_text())
 
 
+def test_only_credentials_routes_are_audited(start_server, moto):
+    """Task protection's PUT is guarded too, but hands out no credentials: its refusal keeps its
+    access line and makes no audit record."""
+    assert [r.rule for r in le.ROUTES if r.audited] == ["/creds", "/role/{name}", "/role-arn/{arn:path}"]
+    server = start_server(env=aws_env(moto, ECS_LOCAL_ALLOWED_CALLERS="127.0.0.1/32"))
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10, source_address=("127.0.0.2", 0))
+    try:
+        conn.request("PUT", "/api/task-protection/v1/state", body=b'{"ProtectionEnabled":true}')
+        assert conn.getresponse().status == 403
+    finally:
+        conn.close()
+    assert wait_for(lambda: "PUT /api/task-protection/v1/state 403" in server.log(), 5), server.log()
+    assert not audit_lines(server.log())
+
+
 def test_unwritable_audit_log_stops_startup(tmp_path):
     result = subprocess.run([sys.executable, "local_endpoints.py", "--port", "0"], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=20,
