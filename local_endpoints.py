@@ -20,11 +20,13 @@ method of ``Endpoints``.  Every outbound call is a named method of one of two
 classes: ``DockerClient`` (version, containers, inspect, networks, events,
 stats: the Docker Engine API over its socket) and ``AwsIdentity`` (boto3's
 credential chain; get_session_token, get_caller_identity, get_role, assume_role
-on STS and IAM).  Routes that hand out credentials or change state are marked ``guarded`` in the
-table; ``CallerPolicy`` decides who may call them.  The IMDS routes hand them out
-too but are not marked, since SDKs send IMDS no Authorization header:
-``Endpoints._imds_admit`` applies the allowlist and IMDS's session tokens.  Every setting is one row of
-``SETTINGS``.
+on STS and IAM).  Routes that hand out credentials or change state are marked
+``guarded`` in the table; ``CallerPolicy`` decides who may call them,
+``RoleAllowlist`` which roles may be handed out, and ``AuditTrail`` records every
+answer of the credentials routes (marked ``audited``).  The IMDS routes hand them
+out too but are not marked, since SDKs send IMDS no Authorization header:
+``Endpoints._imds_admit`` applies the allowlist and IMDS's session tokens.  Every
+setting is one row of ``SETTINGS``.
 
 Sections, in data-flow order: configuration, Docker client, credentials,
 metadata builders, stats, the route table, the HTTP handler, main().
@@ -56,7 +58,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -65,6 +67,7 @@ from urllib.parse import quote, unquote
 
 import boto3
 import botocore.config
+import botocore.credentials
 import botocore.exceptions
 import botocore.session
 import requests
@@ -72,6 +75,7 @@ import requests_unixsocket
 
 VERSION = "0.1.0"
 log = logging.getLogger("local_endpoints")
+audit_log = logging.getLogger("local_endpoints.audit")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -195,6 +199,18 @@ def read_token_file(path: str) -> str:
     return token
 
 
+def allowed_roles(text: str) -> RoleAllowlist:
+    return RoleAllowlist.parse(text)
+
+
+def mfa_session_duration(text: str) -> float:
+    """sts:GetSessionToken's range: 15 minutes to 36 hours."""
+    seconds = parse_duration(text)
+    if not 900 <= seconds <= 129600:
+        raise ValueError(f"{text!r} is outside 15m..36h")
+    return seconds
+
+
 @dataclass(frozen=True)
 class Setting:
     """One environment variable: the only definition of its default, parser and meaning.
@@ -296,7 +312,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ECS_LOCAL_AUTHORIZATION_TOKEN", "authorization_token", "", str,
             "when set, credentials routes require this Authorization header"),
     Setting("ECS_LOCAL_AUTHORIZATION_TOKEN_FILE", "authorization_token_file", "", token_file,
-            "file holding that token"),
+            "file holding that token; re-read when it changes, so a rotated token needs no restart"),
+    Setting("ECS_LOCAL_ALLOWED_ROLES", "allowed_roles", "", allowed_roles,
+            "comma-separated role names, role ARNs and `*` globs on ARNs (`arn:aws:iam::123456789012:role/team-*`) "
+            "that /role and /role-arn may hand out; see Security", shown_default="any role"),
+    Setting("ECS_LOCAL_MFA_SESSION_DURATION", "mfa_session_duration", "12h", mfa_session_duration,
+            "how long the MFA code typed at start-up lasts, for a profile with mfa_serial (15m to 36h)"),
+    Setting("ECS_LOCAL_AUDIT_LOG", "audit_log", "", str,
+            "file to append one JSON line to for every credentials response (the audit trail)"),
     Setting("ECS_LOCAL_MAX_CONNECTIONS", "max_connections", "512", positive,
             "concurrent connections served; more get a quick 503"),
     Setting("ECS_LOCAL_IMDS", "imds", "AUTO", choice("AUTO", "ON", "OFF"),
@@ -343,6 +366,9 @@ class Config:
     allowed_callers: tuple[IPNetwork, ...] | None
     authorization_token: str | None = field(repr=False)
     authorization_token_file: str | None
+    allowed_roles: RoleAllowlist | None
+    mfa_session_duration: float
+    audit_log: str | None
     max_connections: int
     imds: str
     imds_role: str | None
@@ -1014,9 +1040,68 @@ def task_members(snapshot: Snapshot, caller: dict, own_id: str | None) -> list[d
 CREDENTIALS_FRESH_SECONDS = 20 * 60     # reuse while more than this is left: clients get >= 15 min
 CREDENTIALS_AHEAD_SECONDS = 30 * 60     # refresh in the background once less than this is left
 ASSUME_ROLE_SECONDS = 3600
+MFA_ATTEMPTS = 3                        # MFA codes asked at start-up before giving up (AWS refused them)
+MFA_WARN_SECONDS = 3600                 # the log says once when the MFA session has less than this left
+IDENTITY_RETRY_SECONDS = 300            # a failed sts:GetCallerIdentity is not retried for this long
 ROLE_NAME = re.compile(r"[\w+=,.@-]{1,64}", re.ASCII)
 ROLE_ARN = re.compile(r"arn:aws(?:-[a-z]+)*:iam::\d{12}:role/(?:[\x21-\x2e\x30-\x7e]+/){0,50}([\w+=,.@-]{1,64})",
                       re.ASCII)
+
+
+def glob_pattern(glob: str) -> re.Pattern:
+    """A `*` glob as a regular expression: `*` is any text, slashes included; nothing else is special."""
+    return re.compile(".*".join(re.escape(part) for part in glob.split("*")), re.DOTALL)
+
+
+class RoleAllowlist:
+    """ECS_LOCAL_ALLOWED_ROLES: the roles containers may ask for, checked before STS is called.
+
+    A role name allows /role/{name}.  An ARN or a `*` glob on ARNs allows /role-arn/{arn}, and
+    /role/{name} when the name's ARN (read with iam:GetRole) matches it; a name that no ARN
+    or glob could end in is refused without any AWS call.  Names never allow /role-arn/{arn}:
+    the ARN may be of a role with that name in another account.
+    """
+
+    def __init__(self, entries: tuple[str, ...]):
+        self.entries = entries
+        self._names = frozenset(e for e in entries if not e.startswith("arn:"))
+        globs = [e for e in entries if e.startswith("arn:")]
+        self._arns = tuple(glob_pattern(g) for g in globs)
+        # What a role name must look like to end an ARN a glob matches: the text after the glob's
+        # last '/', or, when a '*' there may also span slashes, what follows its first '*'.
+        tails = [g.rsplit("/", 1)[-1] for g in globs]
+        self._tails = tuple(glob_pattern("*" + t.split("*", 1)[1] if "*" in t else t) for t in tails)
+
+    @classmethod
+    def parse(cls, text: str) -> RoleAllowlist:
+        entries = tuple(part.strip() for part in text.split(",") if part.strip())
+        if not entries:
+            raise ValueError("lists no role (leave it unset to allow any)")
+        for entry in entries:
+            if entry.startswith("arn:"):
+                if ":role/" not in entry:
+                    raise ValueError(f"{entry!r} is not a role ARN or ARN glob (arn:aws:iam::ACCOUNT:role/NAME)")
+            elif not ROLE_NAME.fullmatch(entry):
+                raise ValueError(f"{entry!r} is not a role name; `*` globs apply to ARNs "
+                                 "(arn:aws:iam::123456789012:role/team-*)")
+        return cls(entries)
+
+    def __str__(self) -> str:
+        return ",".join(self.entries)
+
+    def name_allowed(self, name: str) -> bool | None:
+        """True: listed by name; None: only its ARN can tell; False: no entry could allow it."""
+        if name in self._names:
+            return True
+        return None if any(tail.fullmatch(name) for tail in self._tails) else False
+
+    def arn_allowed(self, arn: str) -> bool:
+        return any(pattern.fullmatch(arn) for pattern in self._arns)
+
+    def refusal(self, role: str) -> ApiError:
+        return ApiError(403, "RoleNotAllowed",
+                        f"role {role} is not in ECS_LOCAL_ALLOWED_ROLES ({self}): add its name, its ARN or "
+                        "an ARN glob (arn:aws:iam::123456789012:role/team-*) there to allow it")
 
 
 @dataclass(frozen=True)
@@ -1026,23 +1111,79 @@ class Credentials:
     token: str = field(repr=False)
     expiration: datetime
     role_arn: str = ""
+    account_id: str = ""
 
     def seconds_left(self) -> float:
         return (self.expiration - datetime.now(timezone.utc)).total_seconds()
 
+    @functools.cached_property
+    def expiry_text(self) -> str:
+        return self.expiration.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
     def response(self) -> dict:
-        """The five keys, in the order the ECS agent writes them."""
-        return {
+        """The five keys, in the order the ECS agent writes them, and AccountId when known
+        (botocore and the CRT-based SDKs read it for account-based endpoints)."""
+        doc = {
             "RoleArn": self.role_arn,
             "AccessKeyId": self.access_key_id,
             "SecretAccessKey": self.secret_access_key,
             "Token": self.token,
-            "Expiration": self.expiration.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "Expiration": self.expiry_text,
         }
+        if self.account_id:
+            doc["AccountId"] = self.account_id
+        return doc
+
+
+def account_of(arn: str) -> str:
+    """The account ID in an ARN (arn:PARTITION:SERVICE:REGION:ACCOUNT:...), or ''."""
+    parts = arn.split(":", 5)
+    return parts[4] if len(parts) > 5 else ""
+
+
+@dataclass(frozen=True)
+class Issued:
+    """Credentials handed out, with what the audit trail says about them."""
+    credentials: Credentials
+    identity: str    # the role ARN, or the base identity's ARN for /creds
+    source: str      # "sts" (called for this request) or "cache"
 
 
 class MfaCodeRequired(Exception):
     """A profile needs an MFA code and nobody is at a terminal to type it."""
+
+
+class MfaSessionEnded(Exception):
+    """The MFA session opened at start-up has ended: only a restart can ask for a new code."""
+
+
+@dataclass(frozen=True)
+class MfaProfile:
+    """A profile whose credentials need an MFA code: the code opens one STS session (aws-vault's way),
+    and every role is then assumed with that session's credentials."""
+    name: str
+    serial: str
+    source_profile: str         # its credentials call sts:GetSessionToken
+    role_arn: str | None = None
+    external_id: str | None = None
+    session_name: str | None = None
+    duration: int | None = None
+
+    @classmethod
+    def of(cls, profiles: dict[str, dict], name: str) -> MfaProfile | None:
+        """mfa_serial on the profile, or on the source_profile its role_arn chains from."""
+        profile = profiles.get(name) or {}
+        if "role_arn" not in profile:
+            return cls(name, profile["mfa_serial"], name) if profile.get("mfa_serial") else None
+        source = profile.get("source_profile")
+        if not source:   # credential_source: botocore's own assume-role provider applies
+            return None
+        serial = profile.get("mfa_serial") or (profiles.get(source) or {}).get("mfa_serial")
+        if not serial:
+            return None
+        duration = profile.get("duration_seconds")
+        return cls(name, serial, source, profile["role_arn"], profile.get("external_id"),
+                   profile.get("role_session_name"), int(duration) if duration else None)
 
 
 def aws_error(exc: Exception, action: str, profile: str | None) -> ApiError:
@@ -1054,6 +1195,11 @@ def aws_error(exc: Exception, action: str, profile: str | None) -> ApiError:
                         f"profile {profile or 'default'} needs an MFA code: restart local-endpoints in a "
                         "terminal (docker run -it / docker compose run) to type it once at start-up, "
                         "or use a profile without mfa_serial")
+    if isinstance(exc, MfaSessionEnded):
+        return ApiError(503, "MfaSessionExpired",
+                        f"the MFA session of profile {profile or 'default'} ended at {exc}: restart "
+                        "local-endpoints in a terminal and enter a new code (ECS_LOCAL_MFA_SESSION_DURATION "
+                        "sets how long a code lasts, up to 36h)")
     if isinstance(exc, (botocore.exceptions.SSOError, botocore.exceptions.TokenRetrievalError)):
         return ApiError(503, "SSOSessionExpired",
                         f"the AWS SSO session has expired or was never started: run "
@@ -1088,7 +1234,9 @@ def aws_error(exc: Exception, action: str, profile: str | None) -> ApiError:
 class AwsIdentity:
     """The developer's identity from boto3's credential chain: the only class that calls AWS.
 
-    Every STS and IAM call is one of the named methods below.
+    Every STS and IAM call is one of the named methods below.  For a profile with
+    mfa_serial (MfaProfile) the identity is instead an MFA session, opened once at
+    start-up with a code typed on the terminal; it lasts ECS_LOCAL_MFA_SESSION_DURATION.
     """
 
     def __init__(self, config: Config):
@@ -1096,6 +1244,8 @@ class AwsIdentity:
         self._botocore = botocore.session.Session()
         self.profile = self._botocore.profile
         self.missing_profile: botocore.exceptions.ProfileNotFound | None = None
+        self.mfa: MfaProfile | None = None
+        self.mfa_session: Credentials | None = None
         self._interactive = False
         self._clients: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -1109,8 +1259,11 @@ class AwsIdentity:
             # Typically ~/.aws not mounted: metadata still works; credentials say why not.
             self.missing_profile, self.region = exc, "us-east-1"
             return
-        # botocore asks for MFA codes with getpass: that would hang a request.
         resolver = self._botocore.get_component("credential_provider")
+        environment = resolver.get_provider("env")
+        if environment is None or environment.load() is None:   # keys in the environment come first
+            self.mfa = MfaProfile.of(self._botocore.full_config.get("profiles", {}), self.profile or "default")
+        # botocore asks for MFA codes with getpass: that would hang a request.
         assume_role = resolver.get_provider("assume-role")
         if assume_role is not None:
             assume_role._prompter = self._prompt_mfa
@@ -1124,12 +1277,59 @@ class AwsIdentity:
         """Resolve credentials once, letting an MFA profile ask its code if a person is there."""
         self._interactive = sys.stdin is not None and sys.stdin.isatty()
         try:
+            if self.mfa is not None and self._interactive:
+                self._open_mfa_session()
             source = self.source()
         except Exception as exc:   # reported per request; start anyway
             source = f"unavailable ({aws_error(exc, 'startup', self.profile).message})"
         finally:
             self._interactive = False
         return source
+
+    def _open_mfa_session(self) -> None:
+        """sts:GetSessionToken with the code, on the source profile's own credentials."""
+        source = botocore.session.Session(profile=self.mfa.source_profile)
+        source.set_config_variable("region", self.region)
+        sts = self._make_client(boto3.Session(botocore_session=source), "sts")
+        for attempt in range(1, MFA_ATTEMPTS + 1):
+            code = getpass.getpass(f"Enter MFA code for {self.mfa.serial}: ").strip()
+            try:
+                reply = sts.get_session_token(SerialNumber=self.mfa.serial, TokenCode=code,
+                                              DurationSeconds=int(self.config.mfa_session_duration))["Credentials"]
+                break
+            except botocore.exceptions.ClientError as exc:   # a mistyped code: AccessDenied
+                if attempt == MFA_ATTEMPTS or exc.response.get("Error", {}).get("Code") != "AccessDenied":
+                    raise
+                log.warning("the MFA code was refused (%s); try again", exc.response["Error"].get("Message"))
+        self.mfa_session = Credentials(reply["AccessKeyId"], reply["SecretAccessKey"], reply["SessionToken"],
+                                       reply["Expiration"])
+        threading.Thread(target=self._watch_mfa_session, args=(self.mfa_session.expiration,),
+                         name="mfa-session", daemon=True).start()
+
+    def _watch_mfa_session(self, ends: datetime) -> None:
+        """Say once when the session has less than an hour left, and once when it has ended."""
+        def sleep_until(moment: datetime) -> None:
+            while (left := (moment - datetime.now(timezone.utc)).total_seconds()) > 0:
+                time.sleep(min(left, 60.0))   # by the wall clock: a laptop may sleep meanwhile
+        sleep_until(ends - timedelta(seconds=MFA_WARN_SECONDS))
+        if ends > datetime.now(timezone.utc):
+            log.warning("the MFA session of profile %s ends at %s: restart local-endpoints and enter a new "
+                        "code before then", self.mfa.name, ends.astimezone(timezone.utc).strftime("%H:%M:%S UTC"))
+        sleep_until(ends)
+        log.warning("the MFA session of profile %s has ended: credentials routes answer 503 until "
+                    "local-endpoints is restarted and a new code entered", self.mfa.name)
+
+    def mfa_session_ends(self) -> datetime | None:
+        return self.mfa_session.expiration if self.mfa_session else None
+
+    def check_mfa_session(self) -> None:
+        """For an MFA profile: raise unless its session is open (no AWS call)."""
+        if self.mfa is None:
+            return
+        if self.mfa_session is None:
+            raise MfaCodeRequired(self.mfa.serial)
+        if self.mfa_session.seconds_left() <= 0:
+            raise MfaSessionEnded(self.mfa_session.expiry_text)
 
     def source(self) -> str:
         return self.base()[2]
@@ -1138,6 +1338,12 @@ class AwsIdentity:
         """(frozen credentials, their expiry if the source knows it, source method)."""
         if self.missing_profile:
             raise self.missing_profile
+        if self.mfa is not None:
+            self.check_mfa_session()
+            session = self.mfa_session
+            return (botocore.credentials.ReadOnlyCredentials(session.access_key_id, session.secret_access_key,
+                                                             session.token),
+                    session.expiration, "mfa-session")
         credentials = self.session.get_credentials()
         if credentials is None:
             raise botocore.exceptions.NoCredentialsError()
@@ -1161,24 +1367,36 @@ class AwsIdentity:
         """iam:GetRole: the reply's Role."""
         return self._client("iam").get_role(RoleName=name)["Role"]
 
-    def assume_role(self, arn: str, session_name: str, duration: int) -> dict:
+    def assume_role(self, arn: str, session_name: str, duration: int, external_id: str | None = None) -> dict:
         """sts:AssumeRole: the reply's Credentials."""
+        extra = {"ExternalId": external_id} if external_id else {}
         return self._client("sts").assume_role(RoleArn=arn, RoleSessionName=session_name,
-                                               DurationSeconds=duration)["Credentials"]
+                                               DurationSeconds=duration, **extra)["Credentials"]
 
     def _client(self, service: str) -> Any:
         """One STS and one IAM client, made once credentials resolve (they may appear later)."""
         with self._lock:
             if service not in self._clients:
-                self.base()   # a client made without credentials would keep having none
-                endpoint = self.config.sts_endpoint if service == "sts" else self.config.iam_endpoint
-                self._clients[service] = self.session.client(
-                    service, region_name=self.region, endpoint_url=endpoint,
-                    config=botocore.config.Config(
-                        connect_timeout=0.5, read_timeout=1.5,
-                        retries={"total_max_attempts": 2, "mode": "standard"},
-                        user_agent_extra=f"local-endpoints/{VERSION}"))
+                frozen = self.base()[0]   # a client made without credentials would keep having none
+                explicit = {}
+                if self.mfa is not None:   # the session's keys, not the profile's chain (that would prompt)
+                    explicit = dict(aws_access_key_id=frozen.access_key, aws_secret_access_key=frozen.secret_key,
+                                    aws_session_token=frozen.token)
+                self._clients[service] = self._make_client(self.session, service, **explicit)
             return self._clients[service]
+
+    def _make_client(self, session: boto3.Session, service: str, **explicit: str) -> Any:
+        endpoint = self.config.sts_endpoint if service == "sts" else self.config.iam_endpoint
+        return session.client(
+            service, region_name=self.region, endpoint_url=endpoint,
+            config=botocore.config.Config(
+                connect_timeout=0.5, read_timeout=1.5,
+                retries={"total_max_attempts": 2, "mode": "standard"},
+                user_agent_extra=f"local-endpoints/{VERSION}"), **explicit)
+
+
+def session_name_for(arn: str) -> str:
+    return f"ecs-local-{arn.rsplit('/', 1)[-1]}"[:64]
 
 
 class KeyedLocks:
@@ -1199,14 +1417,18 @@ class CredentialVendor:
     The original called STS (and IAM for /role) on every request.  Here an
     entry obtained from STS is reused while it has more than 20 minutes left,
     refreshed in the background from 30 minutes left, and served as it is if
-    STS fails while it is still valid.
+    STS fails while it is still valid.  ECS_LOCAL_ALLOWED_ROLES is checked
+    before any call is made for a role.
     """
 
     def __init__(self, identity: AwsIdentity, config: Config):
         self.identity = identity
         self.config = config
+        self.allowed_roles = config.allowed_roles
         self._cache: dict[str, Credentials] = {}
         self._role_arns: dict[str, str] = {}
+        self._callers: dict[str, tuple[float, dict | None]] = {}   # access key -> (when asked, identity)
+        self._last_with_account: tuple[Credentials, Credentials] | None = None
         self._locks = KeyedLocks()
 
     def _call(self, action: str, function: Callable[[], Any]) -> Any:
@@ -1215,26 +1437,89 @@ class CredentialVendor:
         except Exception as exc:
             raise aws_error(exc, action, self.identity.profile) from None
 
-    def own(self) -> Credentials:
-        """/creds: GetSessionToken for long-term keys; temporary ones are passed through."""
+    def own(self) -> Issued:
+        """/creds: GetSessionToken for long-term keys; temporary ones (an MFA session's too) are passed
+        through; an MFA profile's role_arn is assumed with the session's credentials."""
+        profile = self.identity.mfa
+        if profile is not None and profile.role_arn:
+            self._call("LoadCredentials", self.identity.check_mfa_session)
+            credentials, source = self._cached("profile-role:" + profile.role_arn,
+                                               functools.partial(self._assume_profile_role, profile))
+            return Issued(credentials, profile.role_arn, source)
         frozen, expiry, method = self._call("LoadCredentials", self.identity.base)
         if frozen.token:
             expiration = expiry or (datetime.now(timezone.utc)
                                     + timedelta(seconds=self.config.shared_token_expiration))
-            return Credentials(frozen.access_key, frozen.secret_key, frozen.token,
-                               expiration.replace(microsecond=0))
-        return self._cached("session:" + frozen.access_key, self._get_session_token)
+            credentials, source = Credentials(frozen.access_key, frozen.secret_key, frozen.token,
+                                              expiration.replace(microsecond=0)), "cache"
+        else:
+            credentials, source = self._cached("session:" + frozen.access_key, self._get_session_token)
+        caller = self._caller_identity(frozen.access_key)
+        if caller is None:
+            return Issued(credentials, method, source)
+        return Issued(self._with_account(credentials, caller["Account"]), caller["Arn"], source)
+
+    def _with_account(self, credentials: Credentials, account: str) -> Credentials:
+        """credentials with AccountId: a copy made once per cache entry, not once per request."""
+        last = self._last_with_account
+        if last is not None and last[0] is credentials and last[1].account_id == account:
+            return last[1]
+        stamped = replace(credentials, account_id=account)
+        self._last_with_account = (credentials, stamped)
+        return stamped
 
     def _get_session_token(self) -> Credentials:
         reply = self.identity.get_session_token(3600)
         return Credentials(reply["AccessKeyId"], reply["SecretAccessKey"], reply["SessionToken"],
                            reply["Expiration"])
 
-    def role(self, name: str) -> Credentials:
+    def _assume_profile_role(self, profile: MfaProfile) -> Credentials:
+        """The profile's role_arn with its external_id, role_session_name and duration_seconds: what
+        botocore would do, but with the MFA session's credentials, so no code is asked again.
+        RoleArn stays empty in /creds, as for any profile."""
+        arn = profile.role_arn
+        c = self.identity.assume_role(arn, profile.session_name or session_name_for(arn),
+                                      profile.duration or ASSUME_ROLE_SECONDS, profile.external_id)
+        return Credentials(c["AccessKeyId"], c["SecretAccessKey"], c["SessionToken"], c["Expiration"],
+                           account_id=account_of(arn))
+
+    def _caller_identity(self, access_key: str) -> dict | None:
+        """The base identity's Arn and Account: one sts:GetCallerIdentity per access key.
+
+        A failure only leaves AccountId out of /creds, and is not retried for a while.
+        """
+        known = self._known_caller(access_key)
+        if known is not None:
+            return known[1]
+        with self._locks("caller:" + access_key):
+            known = self._known_caller(access_key)
+            if known is not None:
+                return known[1]   # another request asked while we waited
+            try:
+                reply = self._call("GetCallerIdentity", self.identity.get_caller_identity)
+                identity = {"Arn": reply["Arn"], "Account": reply["Account"]}
+            except ApiError as exc:
+                log.warning("%s; /creds answers without AccountId for %d s", exc.message, IDENTITY_RETRY_SECONDS)
+                identity = None
+            self._callers[access_key] = (time.monotonic(), identity)
+            return identity
+
+    def _known_caller(self, access_key: str) -> tuple[float, dict | None] | None:
+        """What GetCallerIdentity said for access_key, unless it failed long enough ago to ask again."""
+        known = self._callers.get(access_key)
+        if known is None or (known[1] is None and time.monotonic() - known[0] >= IDENTITY_RETRY_SECONDS):
+            return None
+        return known
+
+    def role(self, name: str) -> Issued:
         """/role/{name}: GetRole (cached) for the ARN, then AssumeRole."""
         if not ROLE_NAME.fullmatch(name):
             raise ApiError(400, "InvalidRoleName",
                            f"{name[:100]!r} is not an IAM role name (1-64 of letters, digits and +=,.@_-)")
+        allowed = True if self.allowed_roles is None else self.allowed_roles.name_allowed(name)
+        if allowed is False:
+            raise self.allowed_roles.refusal(name)
+        self._call("LoadCredentials", self.identity.check_mfa_session)
         arn = self._role_arns.get(name)
         if arn is None:
             with self._locks("role-name:" + name):
@@ -1242,38 +1527,44 @@ class CredentialVendor:
                 if arn is None:
                     role = self._call("GetRole", lambda: self.identity.get_role(name))
                     arn = self._role_arns[name] = role["Arn"]
+        if allowed is None and not self.allowed_roles.arn_allowed(arn):
+            raise self.allowed_roles.refusal(f"{name} ({arn})")
         return self._assume(arn)
 
-    def role_arn(self, arn: str) -> Credentials:
+    def role_arn(self, arn: str) -> Issued:
         """/role-arn/{arn}: AssumeRole on the ARN as given (paths and partitions included)."""
         if not ROLE_ARN.fullmatch(arn):
             raise ApiError(400, "InvalidRoleArn",
                            f"{arn[:200]!r} is not an IAM role ARN (arn:aws:iam::123456789012:role/NAME)")
+        if self.allowed_roles is not None and not self.allowed_roles.arn_allowed(arn):
+            raise self.allowed_roles.refusal(arn)
+        self._call("LoadCredentials", self.identity.check_mfa_session)
         return self._assume(arn)
 
-    def _assume(self, arn: str) -> Credentials:
-        name = arn.rsplit("/", 1)[-1]
-
+    def _assume(self, arn: str) -> Issued:
         def assume() -> Credentials:
-            c = self.identity.assume_role(arn, f"ecs-local-{name}"[:64], ASSUME_ROLE_SECONDS)
+            c = self.identity.assume_role(arn, session_name_for(arn), ASSUME_ROLE_SECONDS)
             return Credentials(c["AccessKeyId"], c["SecretAccessKey"], c["SessionToken"], c["Expiration"],
-                               role_arn=arn)
-        return self._cached("role:" + arn, assume)
+                               role_arn=arn, account_id=account_of(arn))
+        credentials, source = self._cached("role:" + arn, assume)
+        return Issued(credentials, arn, source)
 
-    def _cached(self, key: str, fetch: Callable[[], Credentials]) -> Credentials:
+    def _cached(self, key: str, fetch: Callable[[], Credentials]) -> tuple[Credentials, str]:
+        """The entry for key and where it came from: "cache", or "sts" when this request called it."""
         entry = self._cache.get(key)
         if entry is not None and entry.seconds_left() > CREDENTIALS_FRESH_SECONDS:
             if entry.seconds_left() < CREDENTIALS_AHEAD_SECONDS:
                 self._refresh_ahead(key, fetch)
-            return entry
+            return entry, "cache"
         with self._locks(key):
             entry = self._cache.get(key)
             if entry is not None and entry.seconds_left() > CREDENTIALS_FRESH_SECONDS:
-                return entry   # another request refreshed it while we waited
-            return self._fetch(key, fetch, entry)
+                return entry, "cache"   # another request refreshed it while we waited
+            fresh = self._fetch(key, fetch, entry)
+            return fresh, "cache" if fresh is entry else "sts"
 
     def _fetch(self, key: str, fetch: Callable[[], Credentials], entry: Credentials | None) -> Credentials:
-        action = "AssumeRole" if key.startswith("role:") else "GetSessionToken"
+        action = "GetSessionToken" if key.startswith("session:") else "AssumeRole"
         try:
             fresh = self._call(action, fetch)
         except ApiError as exc:
@@ -1317,6 +1608,40 @@ def plain_ip(address: str) -> IPAddress:
     return ip
 
 
+class TokenFile:
+    """ECS_LOCAL_AUTHORIZATION_TOKEN_FILE, re-read when it changes, so a rotated token needs no restart.
+
+    One stat() per check.  A file that becomes unreadable or empty keeps the previous
+    token (with a warning): a failed rotation must not open the credentials routes.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._stamp = self._stat()
+        self.token = read_token_file(path)
+        self._lock = threading.Lock()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def current(self) -> str:
+        stamp = self._stat()
+        if stamp != self._stamp:
+            with self._lock:
+                if stamp != self._stamp:
+                    try:
+                        self.token = read_token_file(self.path)
+                        log.info("re-read the authorization token from %s", self.path)
+                    except ValueError as exc:
+                        log.warning("keeping the previous authorization token: %s", exc)
+                    self._stamp = stamp
+        return self.token
+
+
 class CallerPolicy:
     """The allowlist of caller networks and the optional authorization token."""
 
@@ -1324,11 +1649,16 @@ class CallerPolicy:
 
     def __init__(self, config: Config, view: ContainerView):
         self._explicit = config.allowed_callers
-        self._token = config.authorization_token or (
-            read_token_file(config.authorization_token_file) if config.authorization_token_file else None)
+        self._token = config.authorization_token
+        self._token_file = None
+        if self._token is None and config.authorization_token_file:
+            self._token_file = TokenFile(config.authorization_token_file)
         self._view = view
         # (bridge subnets it holds for, caller -> allowed): replaced when the subnets change.
         self._verdicts: tuple[tuple[IPNetwork, ...] | None, dict[IPAddress, bool]] = (None, {})
+
+    def token(self) -> str | None:
+        return self._token_file.current() if self._token_file else self._token
 
     def allowed_networks(self) -> tuple[IPNetwork, ...]:
         if self._explicit is not None:
@@ -1337,12 +1667,13 @@ class CallerPolicy:
 
     @property
     def token_required(self) -> bool:
-        return self._token is not None
+        return self._token is not None or self._token_file is not None
 
     def check(self, caller: IPAddress, authorization: str | None) -> None:
         self.check_caller(caller)
-        if self._token is not None and not hmac.compare_digest(
-                (authorization or "").encode("utf-8", "surrogateescape"), self._token.encode("utf-8")):
+        token = self.token()
+        if token is not None and not hmac.compare_digest(
+                (authorization or "").encode("utf-8", "surrogateescape"), token.encode("utf-8")):
             raise ApiError(401, "Unauthorized",
                            "missing or wrong Authorization header: set AWS_CONTAINER_AUTHORIZATION_TOKEN in "
                            "the container to the server's ECS_LOCAL_AUTHORIZATION_TOKEN")
@@ -1363,7 +1694,6 @@ class CallerPolicy:
     def check_caller(self, caller: IPAddress) -> None:
         """The allowlist alone: IMDS callers send no Authorization header."""
         if not self.allows(caller):
-            log.warning("refused credentials to %s: not in the allowed callers", caller)
             raise ApiError(403, "CallerNotAllowed",
                            f"{caller} may not fetch credentials: allowed are loopback, link-local and the "
                            "Docker bridge networks; set ECS_LOCAL_ALLOWED_CALLERS (comma-separated CIDRs) "
@@ -1431,6 +1761,102 @@ def imds_document(credentials: dict) -> dict:
             "Type": "AWS-HMAC", "AccessKeyId": credentials["AccessKeyId"],
             "SecretAccessKey": credentials["SecretAccessKey"], "Token": credentials["Token"],
             "Expiration": credentials["Expiration"]}
+
+
+AUDIT_TEXT_LIMIT = 700
+
+
+class AuditTrail:
+    """One record per credentials response: who got what, or why not.
+
+    An INFO log line (WARNING for a refusal or an error), and with ECS_LOCAL_AUDIT_LOG a JSON
+    line appended to that file, for collection.  A record names the access key ID, never
+    the secret key or the token.
+    """
+
+    def __init__(self, path: str | None, view: ContainerView, own_candidates: list[str]):
+        self._view = view
+        self._own_candidates = own_candidates
+        self._lock = threading.Lock()
+        self._file = None
+        if path:
+            try:
+                self._file = open(path, "a", encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"ECS_LOCAL_AUDIT_LOG: {path}: {exc.strerror}") from None
+
+    def container(self, caller: IPAddress) -> str | None:
+        """The name of the running container with the caller's address, from what the view knows
+        now (no Docker call); looked up once per snapshot."""
+        if not self._view.reachable:
+            return None
+        snapshot = self._view.current()
+        key = ("audit-container", caller)
+        try:
+            return snapshot.memo[key]
+        except KeyError:
+            own = find_own_container(snapshot, self._own_candidates)
+            found = match_ip(snapshot, caller, own)
+            name = snapshot.memo[key] = container_name(found[0]) if len(found) == 1 else None
+            return name
+
+    def record(self, request: Request, route: str, issued: Issued | None = None, error: ApiError | None = None,
+               role: str | None = None) -> None:
+        """What a credentials route answered: the credentials issued, or the error.
+
+        role is the role asked for, by default the route's name or arn parameter.
+
+        On the hot path of every credentials request: one log call, and one write when
+        ECS_LOCAL_AUDIT_LOG is set; nothing is worked out that neither needs.
+        """
+        level = logging.INFO if error is None else logging.WARNING
+        logged = audit_log.isEnabledFor(level)
+        if self._file is None and not logged:
+            return
+        if role is None:
+            role = request.params.get("arn") or request.params.get("name")
+        # Cut to what a real role ARN can be (a path of up to 512 characters): a refused
+        # request may send 64 KiB.
+        route = route[:AUDIT_TEXT_LIMIT]
+        role = (issued.identity if issued else role or "")[:AUDIT_TEXT_LIMIT] or None
+        container = self.container(request.caller)
+        credentials = issued.credentials if issued else None
+        outcome = "served" if error is None else error.code
+        if logged:   # the access line's facts too: for these routes this line stands for it
+            line = f"credentials route={safe(route)} caller={request.caller}"
+            if container:
+                line += f" container={container}"
+            if role:
+                line += f" role={safe(role)}"
+            if credentials:
+                line += (f" accessKeyId={credentials.access_key_id} expiration={credentials.expiry_text}"
+                         f" source={issued.source}")
+            line += (f" outcome={outcome} status={error.status if error else 200}"
+                     f" elapsed={(time.monotonic() - request.received) * 1000:.1f}ms")
+            if error:
+                line += f" reason={safe(error.message)}"
+            audit_log.log(level, "%s", line)
+        if self._file is not None:
+            entry = {
+                "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                "route": route, "caller": str(request.caller), "container": container, "role": role,
+                "accessKeyId": credentials.access_key_id if credentials else None,
+                "expiration": credentials.expiry_text if credentials else None,
+                "source": issued.source if issued else None, "outcome": outcome,
+            }
+            if error:
+                entry["reason"] = error.message
+            with self._lock:
+                try:
+                    self._file.write(json.dumps(entry) + "\n")
+                    self._file.flush()
+                except OSError as exc:
+                    log.error("cannot append to the audit log: %s", exc.strerror)
+
+
+def safe(text: str) -> str:
+    """Text from a request, fit for one log line (printable() only when it needs it)."""
+    return text if text.isprintable() else printable(text, AUDIT_TEXT_LIMIT)
 
 
 # ---------------------------------------------------------------------------
@@ -2125,6 +2551,7 @@ class Endpoints:
         self.container_override = JsonOverride(config.container_metadata_path)
         self.task_override = JsonOverride(config.task_metadata_path)
         self._own_candidates = own_container_candidates(config)
+        self.audit = AuditTrail(config.audit_log, self.view, self._own_candidates)
         self.imds_on = config.imds == "ON" or (config.imds == "AUTO" and not self.policy.token_required)
         self.imds_role_name = (config.imds_role or IMDS_DEFAULT_ROLE).rsplit("/", 1)[-1]
         self.imds_tokens = ImdsTokens()
@@ -2135,13 +2562,21 @@ class Endpoints:
     # -- credentials ---------------------------------------------------------
 
     def creds(self, request: Request) -> bytes:
-        return credentials_body(self.vendor.own())
+        return self._vend(request, "/creds", self.vendor.own)
 
     def role(self, request: Request) -> bytes:
-        return credentials_body(self.vendor.role(request.params["name"]))
+        name = request.params["name"]
+        return self._vend(request, f"/role/{name}", functools.partial(self.vendor.role, name))
 
     def role_arn(self, request: Request) -> bytes:
-        return credentials_body(self.vendor.role_arn(request.params["arn"]))
+        arn = request.params["arn"]
+        return self._vend(request, f"/role-arn/{arn}", functools.partial(self.vendor.role_arn, arn))
+
+    def _vend(self, request: Request, route: str, issue: Callable[[], Issued]) -> bytes:
+        """Credentials, recorded in the audit trail (errors are recorded where they are answered)."""
+        issued = issue()
+        self.audit.record(request, route, issued)
+        return credentials_body(issued.credentials)
 
     # -- IMDSv2: SDKs' last resort, at AWS_EC2_METADATA_SERVICE_ENDPOINT ------------
 
@@ -2188,11 +2623,18 @@ class Endpoints:
         return text_response(self.imds_role_name)
 
     def imds_credentials(self, request: Request) -> Response:
-        self._imds_admit(request)
-        if request.params["name"] != self.imds_role_name:
-            raise ImdsError(404, "NotFound", f"no role {printable(request.params['name'], 100)!r} here; "
-                                             f"the role is {self.imds_role_name}")
-        credentials = self._imds_vend()
+        route, role = f"/latest/meta-data/iam/security-credentials/{request.params['name']}", self.config.imds_role
+        try:
+            self._imds_admit(request)
+            if request.params["name"] != self.imds_role_name:
+                raise ImdsError(404, "NotFound", f"no role {printable(request.params['name'], 100)!r} here; "
+                                                 f"the role is {self.imds_role_name}")
+            vended = self._imds_vend()
+        except ApiError as exc:
+            self.audit.record(request, route, error=exc, role=role or "")
+            raise
+        self.audit.record(request, route, vended)
+        credentials = vended.credentials.response()
         issued = (credentials["AccessKeyId"], credentials["Expiration"])
         known = self._imds_document
         if known is None or known[0] != issued:
@@ -2219,23 +2661,21 @@ class Endpoints:
         raise ImdsError(404, "NotFound", "this server answers security-credentials, placement/region and "
                                          "placement/availability-zone under /latest/meta-data/")
 
-    def _imds_vend(self) -> dict:
+    def _imds_vend(self) -> Issued:
         """The credentials IMDS hands out: ECS_LOCAL_IMDS_ROLE's, else those of /creds."""
         role = self.config.imds_role
         try:
             if role is None:
-                credentials = self.vendor.own()
-            elif role.startswith("arn:"):
-                credentials = self.vendor.role_arn(role)
-            else:
-                credentials = self.vendor.role(role)
+                return self.vendor.own()
+            if role.startswith("arn:"):
+                return self.vendor.role_arn(role)
+            return self.vendor.role(role)
         except ApiError as exc:
             raise ImdsError.of(exc) from None
-        return credentials.response()
 
     def _imds_account_id(self) -> str:
         """The account of those credentials: the role's, else asked of STS once."""
-        role_arn = self._imds_vend()["RoleArn"]
+        role_arn = self._imds_vend().credentials.role_arn
         if role_arn:
             return role_arn.split(":")[4]
         if self._imds_account is None:
@@ -2255,6 +2695,11 @@ class Endpoints:
             credentials = {"resolved": True, "source": self.identity.source()}
         except Exception as exc:
             credentials = {"resolved": False, "error": aws_error(exc, "health", self.identity.profile).code}
+        if self.identity.mfa is not None:
+            ends = self.identity.mfa_session_ends()
+            credentials["mfaSessionEnds"] = ends and ends.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        allowed = self.vendor.allowed_roles
+        credentials["allowedRoles"] = list(allowed.entries) if allowed else None
         return {"status": "ok", "version": VERSION, "docker": docker, "credentials": credentials,
                 "statsCollectors": self.stats.active(), "statsReady": self.stats.ready()}
 
@@ -2403,6 +2848,7 @@ class Route:
     handler: Callable[[Endpoints, Request], Any]
     guarded: bool                 # hands out credentials: CallerPolicy applies
     body: bool                    # takes a request body
+    audited: bool                 # a credentials route: AuditTrail records its answers
     pattern: re.Pattern
     converters: dict[str, Callable[[str], Any]]
 
@@ -2445,14 +2891,14 @@ def compile_rule(rule: str) -> tuple[re.Pattern, dict[str, Callable[[str], Any]]
 
 
 def route(method: str, rule: str, handler: Callable[[Endpoints, Request], Any], guarded: bool = False,
-          body: bool = False) -> Route:
-    return Route(method, rule, handler, guarded, body, *compile_rule(rule))
+          body: bool = False, audited: bool = False) -> Route:
+    return Route(method, rule, handler, guarded, body, audited, *compile_rule(rule))
 
 
 ROUTES: tuple[Route, ...] = (
-    route("GET", "/creds", Endpoints.creds, guarded=True),
-    route("GET", "/role/{name}", Endpoints.role, guarded=True),
-    route("GET", "/role-arn/{arn:path}", Endpoints.role_arn, guarded=True),
+    route("GET", "/creds", Endpoints.creds, guarded=True, audited=True),
+    route("GET", "/role/{name}", Endpoints.role, guarded=True, audited=True),
+    route("GET", "/role-arn/{arn:path}", Endpoints.role_arn, guarded=True, audited=True),
     route("GET", "/health", Endpoints.health),
     route("GET", "/v{version:2}/metadata", Endpoints.task),
     route("GET", "/v{version:2}/metadataWithTags", Endpoints.task_with_tags),
@@ -2624,6 +3070,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     sys_version = ""
     disable_nagle_algorithm = True    # no 40 ms Nagle + delayed-ACK stall on keep-alive
     server: EndpointsServer
+    audited = False                   # this request's audit line stands for its access line
 
     def handle_one_request(self) -> None:
         """BaseHTTPRequestHandler's loop step, routing every method through one table.
@@ -2710,6 +3157,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         keep_alive = not self.close_connection
         if body_sent:
             self.close_connection = True   # unless the route reads the body
+        request = None
         try:
             chosen, params = resolve(self.command, path)
             body = b""
@@ -2721,8 +3169,13 @@ class RequestHandler(BaseHTTPRequestHandler):
             request = Request(params, plain_ip(self.client_address[0]), self.headers, self._started, body)
             if chosen.guarded:
                 endpoints.policy.check(request.caller, request.authorization)
-            return as_response(chosen.handler(endpoints, request))
+            response = as_response(chosen.handler(endpoints, request))
+            self.audited = chosen.audited   # the handler recorded it
+            return response
         except ApiError as exc:
+            if request is not None and chosen.audited:   # a credentials route's refusal or failure
+                endpoints.audit.record(request, printable(path, AUDIT_TEXT_LIMIT), error=exc)
+                self.audited = True
             return exc.response()
         except Exception:
             log.exception("error in %s %s", self.command, printable(path, 200))
@@ -2761,6 +3214,9 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def log_access(self, status: int) -> None:
         # Only method, path (no query), status, time and address: never headers.
+        if self.audited:   # a credentials route: AuditTrail logged it, with the same facts
+            self.audited = False
+            return
         path = printable((getattr(self, "path", "") or "").split("?", 1)[0], 300)
         log.info("%s %s %d %.1fms %s", self.command or "-", path or "-", status,
                  (time.monotonic() - self._started) * 1000, plain_ip(self.client_address[0]))
@@ -2904,9 +3360,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     source = endpoints.identity.resolve_at_startup()
-    log.info("local-endpoints %s on %s port %d; credentials: %s, region %s, STS %s, IAM %s; Docker %s",
-             VERSION, config.bind, server.server_port, source, endpoints.identity.region,
-             config.sts_endpoint or "default", config.iam_endpoint or "default", endpoints.docker.host)
+    ends = endpoints.identity.mfa_session_ends()
+    if ends is not None:
+        source += f" until {ends.astimezone(timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}"
+    log.info("local-endpoints %s on %s port %d; credentials: %s, region %s, STS %s, IAM %s; roles: %s; "
+             "Docker %s", VERSION, config.bind, server.server_port, source, endpoints.identity.region,
+             config.sts_endpoint or "default", config.iam_endpoint or "default", config.allowed_roles or "any",
+             endpoints.docker.host)
     log.info("%s", endpoints.imds_status())
     endpoints.view.start()
 

@@ -224,7 +224,8 @@ def test_bridge_network_callers_allowed_by_default(start_server, moto, secrets, 
     assert status == "200", (result.stdout, result.stderr)
     vended(secrets, body.encode())
     app_ip = docker_engine.inspect(app)["NetworkSettings"]["Networks"][network]["IPAddress"]
-    assert re.search(rf"GET /creds 200 .* {re.escape(app_ip)}$", server.log(), re.M), server.log()[-2000:]
+    assert re.search(rf"route=/creds caller={re.escape(app_ip)} .*outcome=served status=200 ", server.log(),
+                     re.M), server.log()[-2000:]
 
 
 # ---------------------------------------------------------------------------
@@ -723,6 +724,9 @@ class ShortLivedSts:
         self.down = False
         self.calls = 0
 
+    def check_mfa_session(self) -> None:
+        """AwsIdentity.check_mfa_session: no MFA profile here."""
+
     def assume_role(self, arn: str, session_name: str, duration: int) -> dict:
         """AwsIdentity.assume_role: the reply's Credentials."""
         self.calls += 1
@@ -739,15 +743,15 @@ def test_sts_outage_after_expiry_gives_502_then_recovers():
     sts = ShortLivedSts(lifetime=2.0)
     vendor = local_endpoints.CredentialVendor(sts, local_endpoints.default_config())
     arn = "arn:aws:iam::123456789012:role/app"
-    first = vendor.role_arn(arn)
+    first = vendor.role_arn(arn).credentials
     sts.down = True
-    assert vendor.role_arn(arn) == first, "still valid: served from the cache while STS is down"
+    assert vendor.role_arn(arn).credentials == first, "still valid: served from the cache while STS is down"
     time.sleep(2.5)
     with pytest.raises(local_endpoints.ApiError) as raised:
         vendor.role_arn(arn)
     assert (raised.value.status, raised.value.code) == (502, "UpstreamUnavailable")
     sts.down = False
-    fresh = vendor.role_arn(arn)
+    fresh = vendor.role_arn(arn).credentials
     assert fresh.access_key_id != first.access_key_id and fresh.seconds_left() > 0
 
 

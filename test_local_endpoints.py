@@ -37,7 +37,7 @@ import local_endpoints as le
 from conftest import REPO_ROOT, free_port, http_request, wait_for
 
 EXPIRATION = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
-CRED_KEYS = ["RoleArn", "AccessKeyId", "SecretAccessKey", "Token", "Expiration"]
+CRED_KEYS = ["RoleArn", "AccessKeyId", "SecretAccessKey", "Token", "Expiration", "AccountId"]
 
 
 def body(response) -> dict:
@@ -655,7 +655,7 @@ def test_cache_serves_a_valid_entry_when_sts_fails_and_warns(caplog):
     def failing():
         raise botocore.exceptions.EndpointConnectionError(endpoint_url="http://sts")
     with caplog.at_level("WARNING"):
-        assert vendor._cached("k", failing).access_key_id == "AKIDOLD"
+        assert vendor._cached("k", failing)[0].access_key_id == "AKIDOLD"
     assert "serving cached credentials" in caplog.text
     vendor._cache["k"] = make_credentials(-1)   # expired: the failure shows
     with pytest.raises(le.ApiError) as error:
@@ -673,17 +673,17 @@ def test_cache_refreshes_ahead_in_the_background():
         calls.append(1)
         refreshed.set()
         return make_credentials(60, "AKIDNEW")
-    assert vendor._cached("k", fetch).access_key_id == "AKIDOLD"   # served at once
+    assert vendor._cached("k", fetch)[0].access_key_id == "AKIDOLD"   # served at once
     assert refreshed.wait(5)
     time.sleep(0.1)
-    assert vendor._cached("k", fetch).access_key_id == "AKIDNEW" and len(calls) == 1
+    assert vendor._cached("k", fetch)[0].access_key_id == "AKIDNEW" and len(calls) == 1
 
 
 def test_cache_reuses_entries_with_more_than_twenty_minutes_left():
     vendor = le.CredentialVendor(FakeIdentity(), le.default_config())
     vendor._cache["k"] = make_credentials(19)
-    assert vendor._cached("k", lambda: make_credentials(60, "AKIDNEW")).access_key_id == "AKIDNEW"
-    assert vendor._cached("k", lambda: pytest.fail("must not refetch")).access_key_id == "AKIDNEW"
+    assert vendor._cached("k", lambda: make_credentials(60, "AKIDNEW"))[0].access_key_id == "AKIDNEW"
+    assert vendor._cached("k", lambda: pytest.fail("must not refetch"))[0].access_key_id == "AKIDNEW"
 
 
 # ---------------------------------------------------------------------------
