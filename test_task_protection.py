@@ -244,7 +244,10 @@ def check_protected(body: bytes, arn: str, minutes: float, before: datetime) -> 
     assert match, text
     expires = datetime.fromisoformat(match.group(1))
     assert match.group(1).endswith("Z") and match.group(2) == arn
-    assert before + timedelta(minutes=minutes) <= expires <= datetime.now(timezone.utc) + timedelta(minutes=minutes)
+    # The date is given to the millisecond, rounded: it may lie half a millisecond either side.
+    slack = timedelta(milliseconds=1)
+    assert (before + timedelta(minutes=minutes) - slack <= expires
+            <= datetime.now(timezone.utc) + timedelta(minutes=minutes) + slack)
 
 
 def test_put_then_get_for_the_whole_task(task, server):
