@@ -61,7 +61,7 @@ from typing import Callable
 import pytest
 import yaml  # PyYAML comes with moto[server] (requirements-dev.txt)
 
-from conftest import DUMMY_AWS_ENV, TEST_LABEL, free_port, unavailable
+from conftest import DUMMY_AWS_ENV, TEST_LABEL, free_port, unavailable, wait_for
 from test_image import BASE_IMAGE, build_base_image, ensure_tool, image_exists, run, wait_http
 
 REPO = Path(__file__).resolve().parent
@@ -78,11 +78,12 @@ MOTO_ACCOUNT = "123456789012"
 COMPOSE_PROJECT = "com.docker.compose.project"
 COMPOSE_SERVICE = "com.docker.compose.service"
 
-# Bump the suffix when the recipe in stand_in_images() changes.
+# Bump the suffixes when the recipes in stand_in_images() change.
 TOOLS_IMAGE = "local-endpoints-test/aws-tools:1"
-STAND_IN_ENTRYPOINTS = {
-    "motoserver/moto": ('["moto_server", "-H", "0.0.0.0", "-p", "5000"]', "EXPOSE 5000"),
-    "amazon/aws-cli": ('["aws"]', ""),
+STAND_INS = {  # public name: (cached tag, entrypoint, more Dockerfile)
+    "motoserver/moto": ("local-endpoints-test/moto:1", '["moto_server", "-H", "0.0.0.0", "-p", "5000"]',
+                        "EXPOSE 5000"),
+    "amazon/aws-cli": ("local-endpoints-test/aws-cli:1", '["aws"]', ""),
 }
 
 
@@ -244,8 +245,8 @@ def stand_in_images(docker_engine, docker, tmp_path_factory):
     if not image_exists(cli, BASE_IMAGE):
         build_base_image(cli, BASE_IMAGE, workdir)
     sources = {dockerfile_base(): BASE_IMAGE, "python:3.12-slim": BASE_IMAGE}
-    for name, (entrypoint, extra) in STAND_IN_ENTRYPOINTS.items():
-        sources[name] = cached = f"{TOOLS_IMAGE}-{name.split('/')[0]}"
+    for name, (cached, entrypoint, extra) in STAND_INS.items():
+        sources[name] = cached
         if image_exists(cli, cached):
             continue
         if not image_exists(cli, TOOLS_IMAGE):
@@ -274,7 +275,7 @@ def example_images(cli: list[str], home: Path) -> set[str]:
 
 
 def test_every_image_an_example_names_has_a_stand_in(compose_cli, tmp_path):
-    known = {"python:3.12-slim", *STAND_IN_ENTRYPOINTS}
+    known = {"python:3.12-slim", *STAND_INS}
     assert example_images(compose_cli, tmp_path) <= known
 
 
@@ -315,11 +316,15 @@ class Finished:
     stderr: str
 
     def json_line(self) -> dict:
-        """The last line of stdout that is a JSON object."""
-        for line in reversed(self.stdout.splitlines()):
-            if line.startswith("{"):
-                return json.loads(line)
-        raise AssertionError(f"no JSON line in the output of {self.id[:12]}:\n{self.stdout}")
+        """The JSON object the service printed: all of stdout, else its last line that is one."""
+        for text in (self.stdout, *reversed(self.stdout.splitlines())):
+            try:
+                found = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(found, dict):
+                return found
+        raise AssertionError(f"no JSON object in the output of {self.id[:12]}:\n{self.stdout}")
 
 
 @dataclass
@@ -542,15 +547,22 @@ def host_server(start_server, docker_engine, host_moto, bind: str | None = None)
     return server
 
 
+def served(server, access_line: str, times: int) -> bool:
+    """The server's log shows a request at least ``times`` times (the line follows the answer)."""
+    return wait_for(lambda: server.log().count(access_line) >= times, 5)
+
+
 def test_host_example(example, start_server, docker_engine, host_moto):
     """The server on the host at 127.0.0.1, the app in the host's network namespace."""
     server = host_server(start_server, docker_engine, host_moto)
     override = {"services": {"app": {"environment": {"AWS_ENDPOINT_URL": host_moto}}}}
 
+    runs = []
+
     def check(ex: Example, project: str) -> None:
-        served = server.log().count("GET /creds 200")
         identity(ex.wait(project, "app"))
-        assert server.log().count("GET /creds 200") > served, "the app did not use /creds"
+        runs.append(project)
+        assert served(server, "GET /creds 200", len(runs)), "the app did not use /creds"
 
     example("docker-compose.host.yml", override,
             LOCAL_ENDPOINTS_PORT=str(server.port)).run_repeatedly(check)
@@ -564,10 +576,12 @@ def test_imds_example(example, start_server, docker_engine, host_moto, host_gate
     override = {"services": {"app": {"environment": {
         "AWS_ENDPOINT_URL": f"http://host.docker.internal:{moto_port}"}}}}
 
+    runs = []
+
     def check(ex: Example, project: str) -> None:
-        tokens = server.log().count("PUT /latest/api/token 200")
         identity(ex.wait(project, "app"))
-        assert server.log().count("PUT /latest/api/token 200") > tokens, "the app did not use IMDSv2"
+        runs.append(project)
+        assert served(server, "PUT /latest/api/token 200", len(runs)), "the app did not use IMDSv2"
         metadata_line(ex, project)
 
     example("docker-compose.imds.yml", override,
