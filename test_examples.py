@@ -23,11 +23,13 @@ session only (a name that already exists on the engine, such as a real
   requirements-dev.txt), ``aws`` as entrypoint.
 
 The project's image is built by compose from the example's own ``build:``
-section (``..``, the Dockerfile's default base), once per session; an override
-file the test writes gives it a test tag instead of ``local-endpoints:latest``
-so that a contributor's own image of that name is not replaced. The same
-override labels every service with ``local-endpoints-test=1`` and, for the
-standard example, adds the moto service and points the endpoints at it.
+section (``..``, the Dockerfile's default base), once per session. An override
+file the test writes changes only what a test must: it gives that image a test
+tag instead of ``local-endpoints:latest`` (a contributor's own image of that
+name is not replaced), probes the image's health check every second instead
+of every 5 s (each run's app starts ~4 s sooner), labels every service with
+``local-endpoints-test=1``, and, for the standard and host-side examples,
+points STS at moto.
 
 Compose: the v2 plugin (``docker compose``) when the docker CLI has it, else
 Debian's ``docker-compose`` (v1), apt-get installed when missing. Debian 12
@@ -427,6 +429,11 @@ def special_network_free(docker):
                             "examples create their own 169.254.170.0/24 network and cannot run beside it")
 
 
+# The image's own check (the Dockerfile's HEALTHCHECK command), probed every
+# second instead of every 5 s: each run's app starts ~4 s sooner.
+FAST_HEALTHCHECK = {"interval": "1s"}
+
+
 @pytest.fixture
 def example(compose_cli, docker_engine, docker, endpoints_image, leftovers, tmp_path):
     """Factory: ``example(file, override=None, **env) -> Example``."""
@@ -435,7 +442,8 @@ def example(compose_cli, docker_engine, docker, endpoints_image, leftovers, tmp_
         services = override.setdefault("services", {})
         for service, spec in compose_config(compose_cli, file, tmp_path)["services"].items():
             if "build" in spec:
-                services.setdefault(service, {})["image"] = endpoints_image
+                services.setdefault(service, {}).update(image=endpoints_image,
+                                                        healthcheck=FAST_HEALTHCHECK)
         home = home or tmp_path / "home"
         home.mkdir(exist_ok=True)
         return Example(file, compose_cli, compose_env(docker_engine, home, **env),

@@ -1,4 +1,4 @@
-"""Tests of the container image (Dockerfile) and of the example compose files.
+"""Tests of the container image (Dockerfile); test_examples.py runs the compose examples.
 
 The image is built from the repository's Dockerfile on top of a local base
 image that behaves like the official ``python:*-slim`` image (no image
@@ -17,8 +17,8 @@ gateway.  A busybox "app" container joins the network, and the host's python
 
 Needs: the shared Docker engine and the busybox image (conftest.py's
 ``docker_engine`` and ``busybox_image`` fixtures), root (debootstrap,
-nsenter), moto[server] and botocore in the host's python, and debootstrap and
-docker-compose, which are apt-get installed when missing. With CI set,
+nsenter), moto[server] and botocore in the host's python, and debootstrap,
+which is apt-get installed when missing. With CI set,
 anything missing is a failure, never a skip.
 
 Timings on the 2-core machine: base image ~55 s (once, then cached), project
@@ -43,7 +43,6 @@ import pytest
 from conftest import apt_install, unavailable
 
 REPO = Path(__file__).resolve().parent
-EXAMPLES = REPO / "examples"
 
 # Bump the suffix when the recipe in build_base_image() changes.
 BASE_IMAGE = "local-endpoints-test/python-base:bookworm-1"
@@ -470,15 +469,3 @@ def test_healthcheck_follows_port_env_and_docker_stop_is_fast(docker, endpoints_
     assert elapsed < 2.0, "docker stop took %.2fs" % elapsed
     assert not state["Running"]
     assert state["ExitCode"] != 137, "killed with SIGKILL"
-
-
-@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.moto.yml",
-                                  "docker-compose.host.yml"])
-def test_compose_file_parses(name, tmp_path):
-    compose = ensure_tool("docker-compose", "docker-compose")
-    path = EXAMPLES / name
-    assert path.is_file()
-    env = dict(os.environ, HOME=str(tmp_path))  # ~/.aws need not exist
-    proc = run([compose, "-f", str(path), "config"], check=False, env=env, cwd=EXAMPLES)
-    assert proc.returncode == 0, proc.stderr
-    assert "services:" in proc.stdout
