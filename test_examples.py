@@ -40,9 +40,14 @@ Two examples serve features of other open issues (the IMDSv2 routes of issue
 10, task protection of issue 9); their tests are marked xfail and not run
 until ``local_endpoints.py`` has those routes.
 
+Imports: conftest.py's fixtures and helpers, and test_image.py's base image
+recipe and command helpers (not copied; they move with the shared test
+infrastructure).
+
 Timings on the 2-core machine (fresh engine): base image ~55 s (shared with
-test_image.py), the moto/aws-cli stand-ins ~60 s, the project's image ~10 s,
-then about 10-15 s per run of an example.
+test_image.py), the moto/aws-cli stand-ins 45-60 s, the project's image
+6-11 s, then per run: moto 5-9 s, standard 4-10 s, host 1.5-7 s, IMDS ~2 s,
+task protection ~3.5 s.
 """
 
 from __future__ import annotations
@@ -156,16 +161,22 @@ def special_networks(config: dict) -> dict[str, dict]:
     return found
 
 
-@pytest.mark.parametrize("name", example_files())
-def test_compose_file_parses(name, compose_cli, tmp_path):
-    config = compose_config(compose_cli, name, tmp_path)
-    assert config.get("services")
+@pytest.fixture(scope="module")
+def configs(compose_cli, tmp_path_factory) -> dict[str, dict]:
+    """Every example as compose resolves it, once per session."""
+    home = tmp_path_factory.mktemp("home")
+    return {name: compose_config(compose_cli, name, home) for name in example_files()}
 
 
 @pytest.mark.parametrize("name", example_files())
-def test_fixed_addresses_are_outside_the_dynamic_range(name, compose_cli, tmp_path):
+def test_compose_file_parses(name, configs):
+    assert configs[name].get("services")
+
+
+@pytest.mark.parametrize("name", example_files())
+def test_fixed_addresses_are_outside_the_dynamic_range(name, configs):
     """On the special network, Docker never hands out 169.254.170.2 or another fixed address."""
-    config = compose_config(compose_cli, name, tmp_path)
+    config = configs[name]
     for net_name, pool in special_networks(config).items():
         subnet = ipaddress.ip_network(pool["subnet"])
         assert "ip_range" in pool, f"{net_name}: no ip_range, so Docker may give 169.254.170.2 away"
@@ -184,9 +195,9 @@ def test_fixed_addresses_are_outside_the_dynamic_range(name, compose_cli, tmp_pa
 
 
 @pytest.mark.parametrize("name", example_files())
-def test_app_containers_get_the_agent_uri(name, compose_cli, tmp_path):
+def test_app_containers_get_the_agent_uri(name, configs):
     """ECS gives every container ECS_AGENT_URI next to the metadata URI: so do the examples."""
-    config = compose_config(compose_cli, name, tmp_path)
+    config = configs[name]
     with_metadata = {service: spec.get("environment") or {}
                      for service, spec in config["services"].items()
                      if "ECS_CONTAINER_METADATA_URI_V4" in (spec.get("environment") or {})}
@@ -267,9 +278,8 @@ def stand_in_images(docker_engine, docker, tmp_path_factory):
         docker("rmi", name, check=False)  # the tag only: the cached image keeps its own
 
 
-def test_every_image_an_example_names_has_a_stand_in(compose_cli, tmp_path):
-    named = {spec["image"] for name in example_files()
-             for spec in compose_config(compose_cli, name, tmp_path)["services"].values()
+def test_every_image_an_example_names_has_a_stand_in(configs):
+    named = {spec["image"] for config in configs.values() for spec in config["services"].values()
              if "build" not in spec}
     assert named <= {PYTHON_SLIM, *STAND_INS}
 
@@ -334,11 +344,6 @@ class Example:
     timings: list[float] = field(default_factory=list)
 
     def __post_init__(self):
-        services = compose_config(self.cli, self.file, Path(self.env["HOME"]))["services"]
-        merged = self.override.setdefault("services", {})
-        for service in services:
-            merged.setdefault(service, {}).setdefault("labels", {})[TEST_LABEL] = "1"
-        self.override.setdefault("version", "2.4")
         self.override_path = self.workdir / f"override-{self.file}.json"
         self.override_path.write_text(json.dumps(self.override, indent=2))
 
@@ -432,15 +437,21 @@ FAST_HEALTHCHECK = {"interval": "1s"}
 
 
 @pytest.fixture
-def example(compose_cli, docker_engine, docker, endpoints_image, leftovers, tmp_path):
-    """Factory: ``example(file, override=None, **env) -> Example``."""
+def example(compose_cli, configs, docker_engine, docker, endpoints_image, leftovers, tmp_path):
+    """Factory: ``example(file, override=None, home=None, **env) -> Example``.
+
+    ``override`` is the test's own part of the override file; ``home`` the
+    user's HOME (~/.aws); ``env`` more variables for compose to substitute.
+    """
     def make(file: str, override: dict | None = None, home: Path | None = None, **env: str) -> Example:
-        override = override or {}
+        override = dict(override or {}, version="2.4")
         services = override.setdefault("services", {})
-        for service, spec in compose_config(compose_cli, file, tmp_path)["services"].items():
+        for service, spec in configs[file]["services"].items():
             if "build" in spec:
                 services.setdefault(service, {}).update(image=endpoints_image,
                                                         healthcheck=FAST_HEALTHCHECK)
+        for service in {*configs[file]["services"], *services}:
+            services.setdefault(service, {}).setdefault("labels", {})[TEST_LABEL] = "1"
         home = home or tmp_path / "home"
         home.mkdir(exist_ok=True)
         return Example(file, compose_cli, compose_env(docker_engine, home, **env),
