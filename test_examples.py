@@ -36,10 +36,6 @@ Debian's ``docker-compose`` (v1, 1.29), apt-get installed when missing (Debian
 12 packages only v1, so v1 is what CI runs). The tests use only commands and
 options both have, and find containers by their compose labels.
 
-Two examples serve features of other open issues (the IMDSv2 routes of issue
-10, task protection of issue 9); their tests are marked xfail and not run
-until ``local_endpoints.py`` has those routes.
-
 Imports: conftest.py's fixtures and helpers, and test_image.py's base image
 recipe and command helpers (not copied; they move with the shared test
 infrastructure).
@@ -114,19 +110,6 @@ def dockerfile_base() -> str:
     found = re.search(r"^ARG PYTHON_IMAGE=(\S+)", (REPO / "Dockerfile").read_text(), re.M)
     assert found, "Dockerfile has no ARG PYTHON_IMAGE default"
     return found.group(1)
-
-
-def landed(route_text: str) -> bool:
-    """True when local_endpoints.py serves a route containing this text."""
-    return route_text in (REPO / "local_endpoints.py").read_text()
-
-
-needs_imds = pytest.mark.xfail(
-    not landed("/latest/api/token"), run=False,
-    reason="the IMDSv2 routes (issue 10) are not in local_endpoints.py yet")
-needs_protection = pytest.mark.xfail(
-    not landed("task-protection/v1/state"), run=False,
-    reason="the task protection routes (issue 9) are not in local_endpoints.py yet")
 
 
 # ------------------------------------------------------------------ compose
@@ -594,7 +577,6 @@ def test_host_example(example, start_server, docker_engine, host_moto):
             LOCAL_ENDPOINTS_PORT=str(server.port)).run_repeatedly(check)
 
 
-@needs_imds
 def test_imds_example(example, start_server, docker_engine, host_moto, host_gateway):
     """The server on the host, the app on an ordinary network, credentials through IMDSv2."""
     server = host_server(start_server, docker_engine, host_moto, bind=host_gateway)
@@ -614,7 +596,6 @@ def test_imds_example(example, start_server, docker_engine, host_moto, host_gate
             LOCAL_ENDPOINTS_PORT=str(server.port)).run_repeatedly(check)
 
 
-@needs_protection
 def test_task_protection_example(example, special_network_free):
     """The worker protects its task for 60 minutes, reads the state back, lifts it."""
     def check(ex: Example, project: str) -> None:
