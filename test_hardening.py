@@ -42,7 +42,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import local_endpoints
-from conftest import SERVER_SCRIPT, wait_for
+from testlib import SERVER_SCRIPT, wait_for
 
 # Every status the server may give; 500 would be a bug in our own code.
 STATUSES = {200, 400, 401, 403, 404, 405, 413, 414, 431, 502, 503, 504}
@@ -767,6 +767,7 @@ def stats_read_time(server, name: str):
     return datetime.fromisoformat(json.loads(body)["read"])
 
 
+@pytest.mark.usefixtures("private_engine")   # stops and starts the engine
 def test_stats_collectors_recover_after_engine_restart(start_server, moto, docker_engine, containers,
                                                       busybox_image):
     name = containers.name("le-restart")

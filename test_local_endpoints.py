@@ -34,7 +34,7 @@ import botocore.session
 import pytest
 
 import local_endpoints as le
-from conftest import REPO_ROOT, free_port, http_request, wait_for
+from testlib import REPO_ROOT, free_port, http_request, wait_for
 
 EXPIRATION = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 CRED_KEYS = ["RoleArn", "AccessKeyId", "SecretAccessKey", "Token", "Expiration", "AccountId"]

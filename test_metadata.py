@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 import local_endpoints
-from conftest import Containers, apt_install, unavailable, wait_for
+from testlib import Containers, apt_install, unavailable, wait_for
 
 COMPOSE_PROJECT = "com.docker.compose.project"
 COMPOSE_SERVICE = "com.docker.compose.service"
@@ -1147,6 +1147,7 @@ def test_container_stopped_mid_run(fleet, start_server, docker_engine, container
 # Docker stopped and started again (stops the shared engine: keep it last)
 # ---------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("private_engine")   # stops and starts the engine
 def test_docker_restart_while_serving(fleet, start_server, docker_engine, containers, busybox_image):
     """503 DockerUnavailable during the outage, right answers after it, no server restart;
     a server started while Docker is down recovers as well."""

@@ -38,9 +38,9 @@ from typing import Callable, Hashable
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from conftest import (  # noqa: E402  (needs the path above)
-    BUSYBOX_TAG, SERVER_SCRIPT, TEST_LABEL, Containers, DockerEngine, Server, _UnixHTTPConnection,
-    _acquire_machine_lock, _is_static_elf, apt_install, build_busybox_tar, free_port, server_env,
+from testlib import (  # noqa: E402  (needs the path above)
+    BUSYBOX_TAG, SERVER_SCRIPT, TEST_LABEL, Containers, DockerEngine, Server, UnixHTTPConnection,
+    apt_install, build_busybox_tar, free_port, is_static_elf, machine_lock, server_env,
 )
 
 Connect = Callable[[], http.client.HTTPConnection]
