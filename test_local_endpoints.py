@@ -641,11 +641,14 @@ class FakeIdentity:
 
 
 def test_credentials_response_format():
-    credentials = le.Credentials("AKID", "s", "t", datetime(2026, 11, 29, 8, 0, 0, 123, tzinfo=timezone.utc),
+    secret, token = "secret-access-key-value", "session-token-value"
+    credentials = le.Credentials("AKID", secret, token, datetime(2026, 11, 29, 8, 0, 0, 123, tzinfo=timezone.utc),
                                  role_arn="arn")
-    assert credentials.response() == {"RoleArn": "arn", "AccessKeyId": "AKID", "SecretAccessKey": "s",
-                                      "Token": "t", "Expiration": "2026-11-29T08:00:00Z"}
-    assert "s" not in repr(credentials).replace("Credentials", "").replace("access_key_id", "")
+    assert credentials.response() == {"RoleArn": "arn", "AccessKeyId": "AKID", "SecretAccessKey": secret,
+                                      "Token": token, "Expiration": "2026-11-29T08:00:00Z"}
+    for text in (repr(credentials), str(credentials), f"{credentials}", repr([credentials])):
+        assert "AKID" in text   # it is this object's text ...
+        assert secret not in text and token not in text, text   # ... without its secrets
 
 
 def test_cache_serves_a_valid_entry_when_sts_fails_and_warns(caplog):
@@ -675,7 +678,7 @@ def test_cache_refreshes_ahead_in_the_background():
         return make_credentials(60, "AKIDNEW")
     assert vendor._cached("k", fetch)[0].access_key_id == "AKIDOLD"   # served at once
     assert refreshed.wait(5)
-    time.sleep(0.1)
+    assert wait_for(lambda: vendor._cache["k"].access_key_id == "AKIDNEW", 5), "the refresh was not stored"
     assert vendor._cached("k", fetch)[0].access_key_id == "AKIDNEW" and len(calls) == 1
 
 

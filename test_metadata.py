@@ -1122,7 +1122,9 @@ def test_container_stopped_mid_run(fleet, start_server, docker_engine, container
     replies = {}
     request = threading.Thread(target=lambda: replies.update(v4=server.get(f"/v4/{names[0]}/task/stats")))
     request.start()
-    time.sleep(0.3)
+    # Mid-run: the request has started both collectors and waits for their first samples.
+    assert wait_for(lambda: get_json(server, "/health")["statsCollectors"] == 2, 10), "collectors never started"
+    assert request.is_alive(), "the task stats request ended before the member stopped: nothing raced"
     docker_engine.cli("kill", stop)
     request.join(15)
     status, _, body = replies["v4"]
