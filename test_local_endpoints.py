@@ -34,7 +34,7 @@ import botocore.session
 import pytest
 
 import local_endpoints as le
-from testlib import REPO_ROOT, free_port, http_request, wait_for
+from testlib import REPO_ROOT, console_script, free_port, http_request, wait_for
 
 EXPIRATION = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 CRED_KEYS = ["RoleArn", "AccessKeyId", "SecretAccessKey", "Token", "Expiration", "AccountId"]
@@ -304,7 +304,7 @@ def test_aws_cli_gets_caller_identity_through_the_server(aws_server, moto, tmp_p
     for key in ("PYENV_ROOT", "PYENV_VERSION"):
         if key in os.environ:
             env[key] = os.environ[key]
-    result = subprocess.run(["aws", "sts", "get-caller-identity", "--endpoint-url", moto.moto_url, "--output",
+    result = subprocess.run([console_script("aws"), "sts", "get-caller-identity", "--endpoint-url", moto.moto_url, "--output",
                              "json"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "assumed-role/cli-role/ecs-local-cli-role" in json.loads(result.stdout)["Arn"]

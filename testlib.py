@@ -207,6 +207,16 @@ def ensure_tool(command: str, package: str) -> str:
     return path
 
 
+def console_script(name: str) -> str:
+    """A command installed with this Python's packages (``aws``): next to ``sys.executable``,
+    so it is found in a virtual environment that is not activated; else on PATH."""
+    sibling = Path(sys.executable).with_name(name)
+    found = str(sibling) if sibling.is_file() else shutil.which(name)
+    if not found:
+        unavailable(f"{name} not found: .venv/bin/pip install -r requirements-dev.txt")
+    return found
+
+
 # =============================================================================
 # Docker Engine
 # =============================================================================
@@ -665,6 +675,7 @@ def debootstrap_image(engine: DockerEngine, tag: str, packages: list[str], workd
     if proc.returncode != 0:
         raise RuntimeError(f"debootstrap failed: {(proc.stderr or proc.stdout)[-3000:]}")
     if HOST_CA_BUNDLE.is_file():
+        (rootfs / "etc/ssl/certs").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(HOST_CA_BUNDLE, rootfs / "etc/ssl/certs/ca-certificates.crt")
     (rootfs / "etc/pip.conf").write_text(
         "[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n"
