@@ -42,7 +42,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import local_endpoints
-from testlib import SERVER_SCRIPT, wait_for
+from testlib import SERVER_SCRIPT, nsenter_net, wait_for
 
 # Every status the server may give; 500 would be a bug in our own code.
 STATUSES = {200, 400, 401, 403, 404, 405, 413, 414, 431, 502, 503, 504}
@@ -218,7 +218,7 @@ def test_bridge_network_callers_allowed_by_default(start_server, moto, secrets, 
     wait_docker_synced(server)
     client = ("import http.client, sys; c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=10); "
               "c.request('GET', '/creds'); r = c.getresponse(); print(r.status); print(r.read().decode())")
-    result = subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", sys.executable, "-c", client,
+    result = subprocess.run([*nsenter_net(pid), sys.executable, "-c", client,
                              gateway, str(server.port)], capture_output=True, text=True, timeout=30)
     status, body = result.stdout.split("\n", 1)
     assert status == "200", (result.stdout, result.stderr)

@@ -91,7 +91,7 @@ def docker(docker_engine):
 @pytest.fixture(scope="module")
 def root():
     if os.geteuid() != 0:
-        unavailable("needs root (debootstrap, nsenter)")
+        unavailable("needs root (debootstrap, nsenter): run the tests as root")
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +262,7 @@ def gateway_moto(special_network):
         import flask  # noqa: F401  (moto_server needs it)
         import moto.server  # noqa: F401
     except ImportError as e:
-        unavailable("moto[server] is not installed: %s" % e)
+        unavailable("moto[server] is not installed (%s): .venv/bin/pip install -r requirements-dev.txt" % e)
     gateway = special_network.gateway
     port = free_port(gateway)
     proc = subprocess.Popen(

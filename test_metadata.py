@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 import local_endpoints
-from testlib import Containers, apt_install, unavailable, wait_for
+from testlib import Containers, apt_install, nsenter_net, unavailable, wait_for
 
 COMPOSE_PROJECT = "com.docker.compose.project"
 COMPOSE_SERVICE = "com.docker.compose.service"
@@ -255,7 +255,7 @@ def fetch_from(engine, container_id: str, base: str, *paths: str) -> list[tuple[
     """GET each path of base from inside the container's network namespace."""
     pid = engine.inspect(container_id)["State"]["Pid"]
     assert pid, f"{container_id[:12]} is not running"
-    proc = subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", sys.executable, "-c", FETCH_SCRIPT,
+    proc = subprocess.run([*nsenter_net(pid), sys.executable, "-c", FETCH_SCRIPT,
                            *(base + p for p in paths)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return [tuple(result) for result in json.loads(proc.stdout)]

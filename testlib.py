@@ -217,6 +217,14 @@ def console_script(name: str) -> str:
     return found
 
 
+def nsenter_net(pid: int) -> list[str]:
+    """The command prefix that runs a command in process ``pid``'s network namespace
+    (a request "from inside a container"); ``unavailable`` unless root."""
+    if os.geteuid() != 0:
+        unavailable("needs root to enter a container's network namespace (nsenter): run the tests as root")
+    return ["nsenter", f"--net=/proc/{pid}/ns/net"]
+
+
 # =============================================================================
 # Docker Engine
 # =============================================================================
