@@ -42,7 +42,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import local_endpoints
-from testlib import SERVER_SCRIPT, nsenter_net, wait_for
+from testlib import SERVER_SCRIPT, nsenter_net, require_ipv6_loopback, wait_for
 
 # Every status the server may give; 500 would be a bug in our own code.
 STATUSES = {200, 400, 401, 403, 404, 405, 413, 414, 431, 502, 503, 504}
@@ -198,6 +198,7 @@ def test_source_address_outside_allowlist(start_server, moto, secrets):
 
 def test_ipv4_mapped_callers_compared_as_ipv4(start_server, moto, secrets):
     """On a dual-stack '::' socket 127.0.0.1 arrives as ::ffff:127.0.0.1 and must match 127.0.0.1/32."""
+    require_ipv6_loopback()
     server = start_server(env=aws_env(moto, ECS_LOCAL_ALLOWED_CALLERS="127.0.0.1/32"), args=("--bind", "::"))
     status, _, body = get(server.port, "/creds", host="127.0.0.1")
     assert status == 200, body

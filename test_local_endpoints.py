@@ -34,7 +34,7 @@ import botocore.session
 import pytest
 
 import local_endpoints as le
-from testlib import REPO_ROOT, console_script, free_port, http_request, wait_for
+from testlib import REPO_ROOT, console_script, free_port, http_request, require_ipv6_loopback, wait_for
 
 EXPIRATION = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 CRED_KEYS = ["RoleArn", "AccessKeyId", "SecretAccessKey", "Token", "Expiration", "AccountId"]
@@ -208,8 +208,7 @@ def test_signals_stop_cleanly_within_two_seconds(start_server, signum):
 
 
 def test_dual_stack_bind_serves_ipv4_and_ipv6(start_server):
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6 on this machine")
+    require_ipv6_loopback()
     server = start_server(args=("--bind", "::"))
     assert server.get("/health")[0] == 200
     with socket.create_connection(("::1", server.port), timeout=5) as sock:

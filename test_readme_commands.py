@@ -73,7 +73,7 @@ def test_readme_commands_on_stock_debian_12(docker_engine, tmp_path, record_prop
     source = snapshot(tmp_path / "src")
     script = " && ".join([
         "git clone -q /src ~/local-endpoints", "cd ~/local-endpoints",
-        SETUP_COMMAND + " -q", TEST_COMMAND + " -m 'not docker' -q -p no:cacheprovider"])
+        SETUP_COMMAND + " -q", TEST_COMMAND + " -m 'not docker' -q -rs -p no:cacheprovider"])
     proc = docker_engine.cli(
         "run", "--rm", "--label", docker_engine.label, "-v", f"{source}:/src:ro", DEBIAN_IMAGE, "bash", "-c",
         f"useradd -m -u {USER_ID} dev && runuser -u dev -- bash -c {shlex.quote(script)}",

@@ -217,6 +217,15 @@ def console_script(name: str) -> str:
     return found
 
 
+def require_ipv6_loopback() -> None:
+    """Skip unless ``::1`` works here (Docker containers usually have no IPv6)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback here ({e.strerror})")
+
+
 def nsenter_net(pid: int) -> list[str]:
     """The command prefix that runs a command in process ``pid``'s network namespace
     (a request "from inside a container"); ``unavailable`` unless root."""
