@@ -93,7 +93,7 @@ def docker_engine():
         try:
             engine = stack.enter_context(engine_session())
         except EngineUnavailable as e:
-            unavailable(f"no Docker Engine: {e}")
+            unavailable(str(e))
         yield engine
 
 

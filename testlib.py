@@ -371,6 +371,10 @@ class DockerEngine:
         self._require_private("start")
         if self.ping():
             return
+        if os.geteuid() != 0:
+            raise EngineUnavailable(f"no Docker Engine answers at DOCKER_HOST or {DEFAULT_DOCKER_HOST} "
+                                    "(or not to this user): start yours (and join its docker group), "
+                                    "or run the tests as root so they start their own")
         pid = self._pidfile_pid()
         if pid and pid_alive(pid):
             # Probably still starting up (or shutting down): give it a chance.
@@ -384,11 +388,13 @@ class DockerEngine:
             raise EngineUnavailable(
                 f"a dockerd runs but does not answer at {DEFAULT_DOCKER_HOST} ({listing}): "
                 "set DOCKER_HOST to its socket (a second dockerd would fight it over iptables)")
-        if os.geteuid() != 0:
-            raise EngineUnavailable("no Docker Engine answers at DOCKER_HOST or "
-                                    f"{DEFAULT_DOCKER_HOST}: start yours, or run the tests as root "
-                                    "so they start their own")
-        dockerd = shutil.which("dockerd") or "/usr/sbin/dockerd"
+        dockerd = shutil.which("dockerd", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
+        if not dockerd:
+            try:
+                apt_install("docker.io")
+            except RuntimeError as e:
+                raise EngineUnavailable(f"dockerd is missing and could not be installed: {e}") from e
+            dockerd = "/usr/sbin/dockerd"
         PRIVATE_RUN_DIR.mkdir(parents=True, exist_ok=True)
         PRIVATE_DATA_ROOT.mkdir(parents=True, exist_ok=True)
         with open(PRIVATE_LOG, "ab") as log:
@@ -516,7 +522,7 @@ def engine_session() -> Iterator[DockerEngine]:
 
     Installs Debian's docker.io when the CLI is missing (root only), takes the
     machine lock, picks the engine (``find_engine``), starts the private one
-    when needed and sweeps its leftovers. At the end it removes this session's
+    when needed (installing dockerd too) and sweeps its leftovers. At the end it removes this session's
     objects and leaves a private engine as found: stopped if it was started
     here, running if it was running (even if a test restarted it meanwhile).
     Raises EngineUnavailable with a one-line reason.
@@ -531,12 +537,6 @@ def engine_session() -> Iterator[DockerEngine]:
         engine = find_engine()
         was_running = engine.ping()
         if not was_running:
-            if not shutil.which("dockerd"):
-                try:
-                    apt_install("docker.io")
-                except RuntimeError as e:
-                    raise EngineUnavailable(f"no Docker Engine answers and dockerd is missing ({e}): "
-                                            "start Docker, or run the tests as root") from e
             engine.start()
         try:
             if engine.private:
