@@ -53,7 +53,7 @@ from testlib import debootstrap_image, ensure_tool, free_port, unavailable
 REPO = Path(__file__).resolve().parent
 EXAMPLES = REPO / "examples"
 
-# Bump the suffix when the recipe in build_base_image() changes.
+# Bump the suffix when the recipe in base_image() changes.
 BASE_IMAGE = "local-endpoints-test/python-base:bookworm-1"
 SUBNET = ipaddress.ip_network("169.254.170.0/24")
 ENDPOINTS_IP = "169.254.170.2"   # where SDKs look for AWS_CONTAINER_CREDENTIALS_RELATIVE_URI
@@ -225,6 +225,10 @@ def special_network(docker_engine, docker, root, created):
     if existing:
         special = SpecialNetwork.of(existing[0])
     else:
+        for iface, address in host_interfaces_in_subnet().items():
+            unavailable("host interface %s has %s, inside %s, but this engine has no such network "
+                        "(another engine's bridge?): remove it with `ip link delete %s`"
+                        % (iface, address, SUBNET, iface))
         name = "le-test-" + RUN_ID
         proc = run([docker, "network", "create", "--driver", "bridge", "--subnet", str(SUBNET),
                     "--label", docker_engine.label, name], check=False)
