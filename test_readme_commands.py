@@ -84,4 +84,5 @@ def test_readme_commands_on_stock_debian_12(docker_engine, tmp_path, record_prop
     print(f"\n[figure] Debian image {built - started:.0f} s, README commands {time.monotonic() - built:.0f} s")
     assert proc.returncode == 0, output[-6000:]
     last = output.strip().splitlines()[-1]
+    print(f"[figure] the nested run: {last}")
     assert " passed" in last and "failed" not in last and "error" not in last, last
