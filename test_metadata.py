@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 import local_endpoints
-from testlib import Containers, apt_install, nsenter_net, unavailable, wait_for
+from testlib import Containers, apt_install, ensure_tool, nsenter_net, unavailable, wait_for
 
 COMPOSE_PROJECT = "com.docker.compose.project"
 COMPOSE_SERVICE = "com.docker.compose.service"
@@ -502,9 +502,8 @@ def test_task_metadata_builder_v4_fields():
     drift = doc["ClockDrift"]
     assert drift["ReferenceTimestamp"] == "2024-01-02T03:00:00Z"
     # The host kernel's own account (busybox's adjtimex applet reads the same adjtimex(2)).
-    if not shutil.which("busybox"):
-        apt_install("busybox-static")
-    kernel = subprocess.run(["busybox", "adjtimex"], capture_output=True, text=True, check=True).stdout
+    busybox = ensure_tool("busybox", "busybox-static")   # one line how to get it, when it cannot be installed
+    kernel = subprocess.run([busybox, "adjtimex"], capture_output=True, text=True, check=True).stdout
     maxerror = int(re.search(r"maxerror:\s+(\d+)", kernel).group(1))
     unsynchronized = "return value: 5" in kernel
     assert drift["ClockSynchronizationStatus"] == ("NOT_SYNCHRONIZED" if unsynchronized else "SYNCHRONIZED")
