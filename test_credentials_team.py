@@ -39,7 +39,7 @@ import botocore.credentials
 import pytest
 
 import local_endpoints as le
-from conftest import REPO_ROOT, free_port, http_request, wait_for
+from testlib import REPO_ROOT, console_script, free_port, http_request, nsenter_net, wait_for
 
 ACCOUNT = "123456789012"
 MFA_SERIAL = f"arn:aws:iam::{ACCOUNT}:mfa/dev"
@@ -444,7 +444,7 @@ def aws_cli(moto, uri: str, home: Path) -> subprocess.CompletedProcess:
     for key in ("PYENV_ROOT", "PYENV_VERSION"):
         if key in os.environ:
             env[key] = os.environ[key]
-    return subprocess.run(["aws", "sts", "get-caller-identity", "--endpoint-url", moto.moto_url, "--output",
+    return subprocess.run([console_script("aws"), "sts", "get-caller-identity", "--endpoint-url", moto.moto_url, "--output",
                            "json"], env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -633,7 +633,7 @@ def test_audit_names_the_calling_container(start_server, moto, secrets, docker_e
     pid = docker_engine.inspect(app)["State"]["Pid"]
     client = ("import http.client, sys; c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=10); "
               "c.request('GET', '/creds'); r = c.getresponse(); print(r.status); print(r.read().decode())")
-    result = subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", sys.executable, "-c", client,
+    result = subprocess.run([*nsenter_net(pid), sys.executable, "-c", client,
                              gateway, str(server.port)], capture_output=True, text=True, timeout=30)
     status, body = result.stdout.split("\n", 1)
     assert status == "200", (result.stdout, result.stderr)

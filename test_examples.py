@@ -65,8 +65,8 @@ from typing import Callable
 import pytest
 import yaml  # PyYAML comes with moto[server] (requirements-dev.txt)
 
-from conftest import DUMMY_AWS_ENV, TEST_LABEL, free_port, unavailable, wait_for
-from test_image import BASE_IMAGE, build_base_image, ensure_tool, image_exists, run, wait_http
+from test_image import BASE_IMAGE, build_base_image, image_exists, run, wait_http
+from testlib import DUMMY_AWS_ENV, SESSION_ID, TEST_LABEL, ensure_tool, free_port, unavailable, wait_for
 
 REPO = Path(__file__).resolve().parent
 EXAMPLES = REPO / "examples"
@@ -246,8 +246,7 @@ def stand_in_images(docker_engine, docker, tmp_path_factory):
     cli = docker_engine.docker_cli
     workdir = tmp_path_factory.mktemp("stand-ins")
     t0 = time.monotonic()
-    if not image_exists(cli, BASE_IMAGE):
-        build_base_image(cli, BASE_IMAGE, workdir)
+    build_base_image(docker_engine, workdir)
     sources = {dockerfile_base(): BASE_IMAGE, PYTHON_SLIM: BASE_IMAGE}
     for name, (cached, entrypoint, extra) in STAND_INS.items():
         sources[name] = cached
@@ -256,8 +255,10 @@ def stand_in_images(docker_engine, docker, tmp_path_factory):
         if not image_exists(cli, TOOLS_IMAGE):
             build_image(docker, TOOLS_IMAGE, f"FROM {BASE_IMAGE}\nRUN pip install --no-cache-dir "
                         f"'{pinned('moto[server]')}' '{pinned('awscli')}'\n", workdir)
+            docker_engine.created_image(TOOLS_IMAGE)
         build_image(docker, cached, f"FROM {TOOLS_IMAGE}\nENTRYPOINT {entrypoint}\nCMD []\n{extra}\n",
                     workdir)
+        docker_engine.created_image(cached)
     tagged = []
     for name, source in sources.items():
         if not image_exists(cli, name):
@@ -442,7 +443,7 @@ def example(compose_cli, configs, docker_engine, docker, endpoints_image, leftov
                 services.setdefault(service, {}).update(image=endpoints_image,
                                                         healthcheck=FAST_HEALTHCHECK)
         for service in {*configs[file]["services"], *services}:
-            services.setdefault(service, {}).setdefault("labels", {})[TEST_LABEL] = "1"
+            services.setdefault(service, {}).setdefault("labels", {})[TEST_LABEL] = SESSION_ID
         home = home or tmp_path / "home"
         home.mkdir(exist_ok=True)
         return Example(file, compose_cli, compose_env(docker_engine, home, **env),
@@ -524,7 +525,7 @@ def test_standard_example_with_a_profile(example, special_network_free, tmp_path
 @pytest.fixture(scope="module")
 def host_gateway(docker_engine, busybox_image) -> str:
     """The address ``host-gateway`` stands for on this engine (docker0's, usually)."""
-    hosts = docker_engine.cli("run", "--rm", "--label", f"{TEST_LABEL}=1", "--add-host",
+    hosts = docker_engine.cli("run", "--rm", "--label", f"{TEST_LABEL}={SESSION_ID}", "--add-host",
                               "probe:host-gateway", busybox_image, "cat", "/etc/hosts").stdout
     return next(line.split()[0] for line in hosts.splitlines() if line.endswith("\tprobe"))
 

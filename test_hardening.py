@@ -42,7 +42,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import local_endpoints
-from conftest import SERVER_SCRIPT, wait_for
+from testlib import SERVER_SCRIPT, nsenter_net, require_ipv6_loopback, wait_for
 
 # Every status the server may give; 500 would be a bug in our own code.
 STATUSES = {200, 400, 401, 403, 404, 405, 413, 414, 431, 502, 503, 504}
@@ -198,6 +198,7 @@ def test_source_address_outside_allowlist(start_server, moto, secrets):
 
 def test_ipv4_mapped_callers_compared_as_ipv4(start_server, moto, secrets):
     """On a dual-stack '::' socket 127.0.0.1 arrives as ::ffff:127.0.0.1 and must match 127.0.0.1/32."""
+    require_ipv6_loopback()
     server = start_server(env=aws_env(moto, ECS_LOCAL_ALLOWED_CALLERS="127.0.0.1/32"), args=("--bind", "::"))
     status, _, body = get(server.port, "/creds", host="127.0.0.1")
     assert status == 200, body
@@ -218,7 +219,7 @@ def test_bridge_network_callers_allowed_by_default(start_server, moto, secrets, 
     wait_docker_synced(server)
     client = ("import http.client, sys; c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=10); "
               "c.request('GET', '/creds'); r = c.getresponse(); print(r.status); print(r.read().decode())")
-    result = subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", sys.executable, "-c", client,
+    result = subprocess.run([*nsenter_net(pid), sys.executable, "-c", client,
                              gateway, str(server.port)], capture_output=True, text=True, timeout=30)
     status, body = result.stdout.split("\n", 1)
     assert status == "200", (result.stdout, result.stderr)
@@ -368,7 +369,10 @@ def role_names():
 
 
 def role_arns():
-    """Near-miss ARNs built from plausible and broken parts, and arbitrary text."""
+    """Valid role ARNs, near-miss ARNs built from plausible and broken parts, and arbitrary text.
+
+    The near misses alone are almost never valid (every part must be right at once), so valid
+    ARNs get a branch of their own: without it the test would never see one reach AWS."""
     partition = st.sampled_from(["aws", "aws-cn", "aws-us-gov", "aws-iso-b", "AWS", "aws-", "aws_cn", "", "aws-é"])
     service = st.sampled_from(["iam", "sts", "IAM", ""])
     region = st.sampled_from(["", "us-east-1"])
@@ -379,7 +383,12 @@ def role_arns():
         .map(lambda parts: "".join(p + "/" for p in parts))
     built = st.builds(lambda p, s, r, a, res, pa, n: f"arn:{p}:{s}:{r}:{a}:{res}{pa}{n}",
                       partition, service, region, account, resource, path, role_names())
-    return st.one_of(built, st.text(min_size=1, max_size=40))
+    valid = st.builds(lambda p, pa, n: f"arn:{p}:iam::123456789012:role/{pa}{n}",
+                      st.sampled_from(["aws", "aws-cn", "aws-us-gov"]),
+                      st.lists(st.text(st.sampled_from(IAM_CHARS), min_size=1, max_size=8), max_size=2)
+                      .map(lambda parts: "".join(p + "/" for p in parts)),
+                      st.text(st.sampled_from(IAM_CHARS), min_size=1, max_size=64))
+    return st.one_of(valid, built, st.text(min_size=1, max_size=40))
 
 
 def quoted_arn(arn: str) -> str:
@@ -457,6 +466,9 @@ def test_fuzzed_requests_get_well_formed_json_answers(start_server, moto, secret
     exchange()
     figure(record_property, "fuzz_inputs_tried", len(tried))
     figure(record_property, "fuzz_statuses", dict(sorted(statuses.items())))
+    # It tried enough, and reached the handlers (200s) as well as the router's refusals.
+    assert len(tried) >= 100, f"only {len(tried)} fuzz inputs tried"
+    assert statuses.get(200, 0) >= 10 and len(set(statuses) - {200}) >= 3, statuses
     assert server.get("/health")[0] == 200
     assert "Traceback" not in server.log() and "InternalError" not in server.log()
 
@@ -476,36 +488,38 @@ def check_role_request(server, moto, secrets, path: str, valid: bool, code: str)
 
 def test_invalid_role_names_never_reach_aws(start_server, moto, secrets, record_property):
     server = start_server(env=aws_env(moto))
-    tried = []
+    tried = {True: 0, False: 0}   # valid, invalid
 
     @settings(max_examples=150, deadline=None, database=None)
     @given(name=role_names())
     def role(name):
         if not name or "/" in name:
             return   # another route after percent-decoding, not a role name
-        tried.append(name)
-        check_role_request(server, moto, secrets, "/role/" + quote(name, safe=""),
-                           bool(IAM_ROLE_NAME.fullmatch(name)), "InvalidRoleName")
+        valid = bool(IAM_ROLE_NAME.fullmatch(name))
+        tried[valid] += 1
+        check_role_request(server, moto, secrets, "/role/" + quote(name, safe=""), valid, "InvalidRoleName")
 
     role()
-    figure(record_property, "role_names_tried", len(tried))
+    figure(record_property, "role_names_tried", tried)
+    assert tried[True] >= 20 and tried[False] >= 20, f"too few valid or invalid names tried: {tried}"
 
 
 def test_invalid_role_arns_never_reach_aws(start_server, moto, secrets, record_property):
     server = start_server(env=aws_env(moto))
-    tried = []
+    tried = {True: 0, False: 0}   # valid, invalid
 
     @settings(max_examples=150, deadline=None, database=None)
     @given(arn=role_arns())
     def role_arn(arn):
         if "//" in arn or arn.startswith("/") or arn.endswith("/"):
             return   # the path's slashes are normalised before routing
-        tried.append(arn)
-        check_role_request(server, moto, secrets, "/role-arn/" + quoted_arn(arn),
-                           bool(IAM_ROLE_ARN.fullmatch(arn)), "InvalidRoleArn")
+        valid = bool(IAM_ROLE_ARN.fullmatch(arn))
+        tried[valid] += 1
+        check_role_request(server, moto, secrets, "/role-arn/" + quoted_arn(arn), valid, "InvalidRoleArn")
 
     role_arn()
-    figure(record_property, "role_arns_tried", len(tried))
+    figure(record_property, "role_arns_tried", tried)
+    assert tried[True] >= 20 and tried[False] >= 20, f"too few valid or invalid ARNs tried: {tried}"
 
 
 # ---------------------------------------------------------------------------
@@ -767,6 +781,7 @@ def stats_read_time(server, name: str):
     return datetime.fromisoformat(json.loads(body)["read"])
 
 
+@pytest.mark.usefixtures("private_engine")   # stops and starts the engine
 def test_stats_collectors_recover_after_engine_restart(start_server, moto, docker_engine, containers,
                                                       busybox_image):
     name = containers.name("le-restart")

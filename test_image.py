@@ -15,41 +15,47 @@ gateway.  A busybox "app" container joins the network, and the host's python
 (with botocore) runs inside that container's network namespace through
 ``nsenter``, so it is a real SDK client seen by the server from the app's IP.
 
-Needs: the shared Docker engine and the busybox image (conftest.py's
-``docker_engine`` and ``busybox_image`` fixtures), root (debootstrap,
-nsenter), moto[server] and botocore in the host's python, and debootstrap,
-which is apt-get installed when missing. With CI set,
-anything missing is a failure, never a skip.
+The special network is often there already (the original's setup, on the
+contributor's own engine): then the tests join it, at free addresses. Another
+engine's bridge or NAT rule for that subnet on this host would NAT the
+caller's address, so the tests then stop with one line saying what is in the
+way.
 
-Timings on the 2-core machine: base image ~55 s (once, then cached), project
+Needs: a Docker engine and the busybox image (conftest.py's ``docker_engine``
+and ``busybox_image`` fixtures), root (debootstrap, nsenter), moto[server] and
+botocore in the host's python, and debootstrap, which is apt-get installed
+when missing. With CI set, anything missing is a failure,
+never a skip.
+
+Timings on the 2-core machine: base image ~55 s (once on the tests' own
+engine, where it is kept; every run on yours, where it is removed), project
 image ~6 s (pip install inside ``docker build`` on the default bridge network,
 no ``--network host`` needed), the rest ~15 s.
 """
 
+import ipaddress
 import json
 import os
-import shutil
-import socket
+import re
 import subprocess
 import sys
 import textwrap
 import time
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import apt_install, unavailable
+from testlib import debootstrap_image, free_port, unavailable
 
 REPO = Path(__file__).resolve().parent
 
-# Bump the suffix when the recipe in build_base_image() changes.
+# Bump the suffix when the recipe in base_image() changes.
 BASE_IMAGE = "local-endpoints-test/python-base:bookworm-1"
-SUBNET = "169.254.170.0/24"
-GATEWAY = "169.254.170.1"
-ENDPOINTS_IP = "169.254.170.2"
-CLIENT_IP = "169.254.170.3"
+SUBNET = ipaddress.ip_network("169.254.170.0/24")
+ENDPOINTS_IP = "169.254.170.2"   # where SDKs look for AWS_CONTAINER_CREDENTIALS_RELATIVE_URI
 RUN_ID = uuid.uuid4().hex[:8]
 
 def run(cmd, check=True, timeout=600, **kw):
@@ -64,58 +70,9 @@ def run(cmd, check=True, timeout=600, **kw):
     return proc
 
 
-def ensure_tool(path_or_cmd, package):
-    """Return the tool's path, apt-get installing its package when missing."""
-    def find():
-        return shutil.which(path_or_cmd) or (
-            path_or_cmd if os.path.isabs(path_or_cmd) and os.path.exists(path_or_cmd) else None)
-    if not find():
-        try:
-            apt_install(package)
-        except RuntimeError as e:
-            unavailable("%s missing: %s" % (path_or_cmd, e))
-    if not find():
-        unavailable("%s still missing after apt-get install %s" % (path_or_cmd, package))
-    return find()
-
-
-def debian_mirror():
-    """The Debian mirror the host's apt sources use (never hardcoded)."""
-    files = [Path("/etc/apt/sources.list")]
-    d = Path("/etc/apt/sources.list.d")
-    if d.is_dir():
-        files += sorted(d.glob("*.list")) + sorted(d.glob("*.sources"))
-    for f in files:
-        if not f.is_file():
-            continue
-        if f.suffix == ".sources":  # deb822
-            for stanza in f.read_text().split("\n\n"):
-                fields = {}
-                for line in stanza.splitlines():
-                    if ":" in line and not line.startswith(("#", " ")):
-                        k, v = line.split(":", 1)
-                        fields[k.strip().lower()] = v.split()
-                suites = fields.get("suites", [])
-                if "deb" in fields.get("types", []) and any(
-                    s in ("bookworm", "stable") for s in suites
-                ) and fields.get("uris"):
-                    return fields["uris"][0]
-        else:  # one-line format: deb [options] URI SUITE COMPONENTS...
-            for line in f.read_text().splitlines():
-                line = line.split("#", 1)[0]
-                if "]" in line:
-                    line = line.split("[", 1)[0] + line.split("]", 1)[1]
-                parts = line.split()
-                if len(parts) >= 3 and parts[0] == "deb" and parts[2] in ("bookworm", "stable"):
-                    return parts[1]
-    return None
-
-
 # ----------------------------------------------------------------- fixtures
-# docker_engine (the shared dockerd, started if needed, machine-wide lock) and
-# busybox_image come from conftest.py.
-
-TEST_LABEL = "local-endpoints-test=1"  # conftest removes leftovers with it
+# docker_engine (the contributor's engine or the tests' own, machine-wide lock)
+# and busybox_image come from conftest.py.
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +90,7 @@ def docker(docker_engine):
 @pytest.fixture(scope="module")
 def root():
     if os.geteuid() != 0:
-        unavailable("needs root (debootstrap, nsenter)")
+        unavailable("needs root (debootstrap, nsenter): run the tests as root")
 
 
 @pytest.fixture(scope="module")
@@ -153,63 +110,37 @@ def image_exists(docker, tag):
     return run([docker, "image", "inspect", tag], check=False).returncode == 0
 
 
-def build_base_image(docker, tag, workdir):
-    """A local stand-in for python:*-slim made with debootstrap + docker import."""
-    debootstrap = ensure_tool("debootstrap", "debootstrap")
-    mirror = debian_mirror()
-    if not mirror:
-        unavailable("no Debian bookworm mirror in the host's apt sources")
-    rootfs = workdir / "rootfs"
-    run(
-        [debootstrap, "--variant=minbase", "--include=python3,python3-pip,ca-certificates",
-         "bookworm", str(rootfs), mirror],
-        timeout=900,
-    )
-    # Like the official image: pip may install into the system python ...
+def python_slim_like(rootfs):
+    """Like the official image: pip may install into the system python, ``python`` exists.
+
+    (debootstrap_image already gives it the host's CA bundle and pip's cert
+    setting; no index URL is copied: the host's extra indexes are local file://
+    directories, absent in the image.)"""
     for marker in rootfs.glob("usr/lib/python3*/EXTERNALLY-MANAGED"):
         marker.unlink()
     python = rootfs / "usr/bin/python"
     if not python.exists():
         python.symlink_to("python3")
-    # ... and reaches the package index the way the host does: the same CA
-    # bundle (TLS proxy) and pip's cert setting. No index URL is copied: the
-    # host's extra indexes are local file:// directories, absent in the image.
-    ca = Path("/etc/ssl/certs/ca-certificates.crt")
-    if ca.is_file():
-        shutil.copyfile(ca, rootfs / "etc/ssl/certs/ca-certificates.crt")
-    (rootfs / "etc/pip.conf").write_text(
-        "[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n"
-        "disable-pip-version-check = true\nroot-user-action = ignore\n"
-    )
-    for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
-        for f in (rootfs / junk).glob("*"):
-            if f.is_file():
-                f.unlink()
-    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-    run(
-        [docker, "import",
-         "-c", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-         "-c", "ENV LANG=C.UTF-8",
-         "-c", 'CMD ["python3"]',
-         "-", tag],
-        stdin=tar.stdout,
-    )
-    tar.stdout.close()
-    assert tar.wait() == 0
-    shutil.rmtree(rootfs, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def base_image(docker, root, tmp_path_factory):
-    if not image_exists(docker, BASE_IMAGE):
+def build_base_image(engine, workdir: Path) -> str:
+    """BASE_IMAGE, a local stand-in for python:*-slim made with debootstrap + docker import,
+    unless the engine has it already (test_examples.py builds its stand-ins on it too)."""
+    if not image_exists(engine.docker_cli, BASE_IMAGE):
         t0 = time.monotonic()
-        build_base_image(docker, BASE_IMAGE, tmp_path_factory.mktemp("base"))
+        debootstrap_image(engine, BASE_IMAGE, ["python3", "python3-pip", "ca-certificates"], workdir,
+                          python_slim_like)
         print("\nbase image %s built in %.1fs" % (BASE_IMAGE, time.monotonic() - t0))
     return BASE_IMAGE
 
 
 @pytest.fixture(scope="module")
-def endpoints_image(docker, base_image, created):
+def base_image(docker_engine, docker, root, tmp_path_factory):
+    return build_base_image(docker_engine, tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="module")
+def endpoints_image(docker_engine, docker, base_image, created):
     if not (REPO / "local_endpoints.py").is_file():
         unavailable("local_endpoints.py not written yet")
     tag = "local-endpoints-test/endpoints:" + RUN_ID
@@ -217,28 +148,107 @@ def endpoints_image(docker, base_image, created):
     # The build container reaches the package index through the default
     # bridge network like the host does; no --network host is needed.
     run([docker, "build", "--build-arg", "PYTHON_IMAGE=" + base_image,
-         "--label", TEST_LABEL, "-t", tag, str(REPO)], timeout=900)
+         "--label", docker_engine.label, "-t", tag, str(REPO)], timeout=900)
     created["images"].append(tag)
     print("\nimage %s built in %.1fs" % (tag, time.monotonic() - t0))
     return tag
 
 
+@dataclass
+class SpecialNetwork:
+    """The 169.254.170.0/24 network the tests use: their own, or one that was there."""
+    name: str
+    gateway: str
+    bridge: str              # the host interface of the network
+    taken: set[str]          # addresses in use (containers, gateway)
+
+    @classmethod
+    def of(cls, doc):
+        config = next(c for c in doc["IPAM"]["Config"] if c.get("Subnet") == str(SUBNET))
+        gateway = config.get("Gateway") or str(next(SUBNET.hosts()))
+        bridge = doc.get("Options", {}).get("com.docker.network.bridge.name") or "br-" + doc["Id"][:12]
+        taken = {gateway} | {c["IPv4Address"].split("/")[0] for c in (doc.get("Containers") or {}).values()}
+        return cls(doc["Name"], gateway, bridge, taken)
+
+    def free_address(self):
+        address = next(str(a) for a in SUBNET.hosts() if str(a) not in self.taken | {ENDPOINTS_IP})
+        self.taken.add(address)
+        return address
+
+
+def special_networks(docker):
+    """``docker network inspect`` of the engine's networks with the special subnet."""
+    ids = run([docker, "network", "ls", "-q"]).stdout.split()
+    docs = json.loads(run([docker, "network", "inspect", *ids]).stdout) if ids else []
+    return [d for d in docs
+            if any(c.get("Subnet") == str(SUBNET) for c in (d.get("IPAM") or {}).get("Config") or [])]
+
+
+def host_interfaces_in_subnet():
+    """``{interface: address}`` of host interfaces with an address in the special subnet."""
+    out = run(["ip", "-o", "-4", "addr", "show"], check=False).stdout
+    found = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) > 3 and ipaddress.ip_interface(fields[3]).ip in SUBNET:
+            found[fields[1]] = fields[3]
+    return found
+
+
+def foreign_nat_rules(bridge):
+    """NAT rules for the special subnet that name a bridge other than ``bridge``
+    (left by another engine: they would NAT the callers' addresses)."""
+    out = run(["iptables", "-t", "nat", "-S"], check=False).stdout
+    return [rule for rule in out.splitlines()
+            if str(SUBNET) in rule and re.search(r"\bbr-[0-9a-f]{12}\b|docker\d+", rule)
+            and bridge not in rule]
+
+
+def in_the_way(special):
+    """One line saying what would break the tests on this network, or None."""
+    if ENDPOINTS_IP in special.taken:
+        return ("%s on the existing network %s is taken (your own endpoints container?): "
+                "stop that container to run the image tests" % (ENDPOINTS_IP, special.name))
+    for iface, address in host_interfaces_in_subnet().items():
+        if iface != special.bridge:
+            return ("host interface %s has %s, inside %s but not the network %s of this engine "
+                    "(another engine's bridge?): remove it with `ip link delete %s`"
+                    % (iface, address, SUBNET, special.name, iface))
+    rules = foreign_nat_rules(special.bridge)
+    if rules:
+        return ("a NAT rule for %s of another engine's bridge would NAT the callers' addresses: "
+                "remove it with `iptables -t nat %s`" % (SUBNET, rules[0].replace("-A ", "-D ", 1)))
+    return None
+
+
 @pytest.fixture(scope="module")
-def network(docker, created):
-    name = "le-test-" + RUN_ID
-    proc = run([docker, "network", "create", "--driver", "bridge", "--subnet", SUBNET,
-                "--gateway", GATEWAY, "--label", TEST_LABEL, name], check=False)
-    if proc.returncode != 0:
-        pytest.fail("cannot create network %s (%s): %s" % (name, SUBNET, proc.stderr.strip()),
-                    pytrace=False)
-    created["networks"].append(name)
-    return name
+def special_network(docker_engine, docker, root, created):
+    """The special network: an existing one of the engine (joined at free addresses), else
+    one of the tests' own; unavailable, in one line, when something is in the way."""
+    existing = special_networks(docker)
+    if existing:
+        special = SpecialNetwork.of(existing[0])
+    else:
+        for iface, address in host_interfaces_in_subnet().items():
+            unavailable("host interface %s has %s, inside %s, but this engine has no such network "
+                        "(another engine's bridge?): remove it with `ip link delete %s`"
+                        % (iface, address, SUBNET, iface))
+        name = "le-test-" + RUN_ID
+        proc = run([docker, "network", "create", "--driver", "bridge", "--subnet", str(SUBNET),
+                    "--label", docker_engine.label, name], check=False)
+        if proc.returncode != 0:
+            unavailable("cannot create network %s (%s): %s" % (name, SUBNET, proc.stderr.strip()))
+        created["networks"].append(name)
+        special = SpecialNetwork.of(docker_engine.inspect(name))
+    problem = in_the_way(special)
+    if problem:
+        unavailable(problem)
+    return special
 
 
-def free_port(host):
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def network(special_network):
+    return special_network.name
 
 
 def wait_http(url, timeout=30):
@@ -254,19 +264,20 @@ def wait_http(url, timeout=30):
 
 
 @pytest.fixture(scope="module")
-def gateway_moto(network):
+def gateway_moto(special_network):
     """moto_server on the host, bound to the test network's gateway address."""
     try:
         import flask  # noqa: F401  (moto_server needs it)
         import moto.server  # noqa: F401
     except ImportError as e:
-        unavailable("moto[server] is not installed: %s" % e)
-    port = free_port(GATEWAY)
+        unavailable("moto[server] is not installed (%s): .venv/bin/pip install -r requirements-dev.txt" % e)
+    gateway = special_network.gateway
+    port = free_port(gateway)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", GATEWAY, "-p", str(port)],
+        [sys.executable, "-m", "moto.server", "-H", gateway, "-p", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    url = "http://%s:%d" % (GATEWAY, port)
+    url = "http://%s:%d" % (gateway, port)
     try:
         wait_http(url + "/moto-api/", timeout=30)
         yield url
@@ -292,8 +303,11 @@ def inspect(docker, cid):
 
 @pytest.fixture(scope="module")
 def endpoints(docker_engine, docker, endpoints_image, network, gateway_moto, created):
+    if docker_engine.socket is None:
+        unavailable("the endpoints container needs the engine's unix socket, not %s: "
+                    "set DOCKER_HOST=unix://PATH" % docker_engine.host)
     env = dict(DUMMY_ENV, STS_ENDPOINT=gateway_moto, IAM_ENDPOINT=gateway_moto)
-    cmd = [docker, "run", "-d", "--name", "le-test-endpoints-" + RUN_ID, "--label", TEST_LABEL,
+    cmd = [docker, "run", "-d", "--name", "le-test-endpoints-" + RUN_ID, "--label", docker_engine.label,
            "--network", network, "--ip", ENDPOINTS_IP,
            "-v", "%s:/var/run/docker.sock" % docker_engine.socket,
            "--health-interval", "1s", "--health-start-period", "1s"]
@@ -311,9 +325,9 @@ def endpoints(docker_engine, docker, endpoints_image, network, gateway_moto, cre
 
 
 @pytest.fixture(scope="module")
-def client(docker, busybox_image, network, endpoints, created):
-    cid = run([docker, "run", "-d", "--name", "le-test-app-" + RUN_ID, "--label", TEST_LABEL,
-               "--network", network, "--ip", CLIENT_IP, busybox_image,
+def client(docker_engine, docker, busybox_image, special_network, endpoints, created):
+    cid = run([docker, "run", "-d", "--name", "le-test-app-" + RUN_ID, "--label", docker_engine.label,
+               "--network", special_network.name, "--ip", special_network.free_address(), busybox_image,
                "/bin/sleep", "3600"]).stdout.strip()
     created["containers"].append(cid)
     pid = inspect(docker, cid)["State"]["Pid"]
@@ -421,9 +435,9 @@ def test_task_metadata_v4_identifies_caller_by_ip(client):
     assert got["DockerId"] == client["id"]
 
 
-def test_task_metadata_at_container_start(docker, busybox_image, network, endpoints, created):
+def test_task_metadata_at_container_start(docker_engine, docker, busybox_image, network, endpoints, created):
     """An app that reads its metadata first thing at start (as on ECS) finds itself."""
-    cid = run([docker, "run", "-d", "--label", TEST_LABEL, "--network", network,
+    cid = run([docker, "run", "-d", "--label", docker_engine.label, "--network", network,
                busybox_image, "sh", "-c",
                "wget -qO- http://169.254.170.2/v4 || echo FAILED"]).stdout.strip()
     created["containers"].append(cid)
@@ -445,10 +459,10 @@ def test_healthcheck_reports_healthy(docker, endpoints):
     assert status == "healthy", inspect(docker, endpoints)["State"]["Health"]
 
 
-def test_healthcheck_follows_port_env_and_docker_stop_is_fast(docker, endpoints_image,
+def test_healthcheck_follows_port_env_and_docker_stop_is_fast(docker_engine, docker, endpoints_image,
                                                                network, created):
     """Another port via ECS_LOCAL_METADATA_PORT; SIGTERM reaches PID 1."""
-    cid = run([docker, "run", "-d", "--label", TEST_LABEL, "--network", network,
+    cid = run([docker, "run", "-d", "--label", docker_engine.label, "--network", network,
                "-e", "ECS_LOCAL_METADATA_PORT=8080", "-e", "AWS_EC2_METADATA_DISABLED=true",
                "--health-interval", "1s", "--health-start-period", "1s",
                endpoints_image]).stdout.strip()

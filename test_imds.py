@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 import local_endpoints
-from conftest import TEST_LABEL, Containers, free_port, wait_for
+from testlib import Containers, free_port, nsenter_net, wait_for
 
 ROLE = "le-imds-app"
 TOKEN_PATH = "/latest/api/token"
@@ -314,7 +314,7 @@ class Bridge:
                "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://{self.gateway}:{server_port}/",
                "AWS_DEFAULT_REGION": "us-east-1"}
         env.update({k: os.environ[k] for k in ("PYENV_ROOT", "PYENV_VERSION", "VIRTUAL_ENV") if k in os.environ})
-        return subprocess.run(["nsenter", f"--net=/proc/{self.pid}/ns/net", *command], env=env,
+        return subprocess.run([*nsenter_net(self.pid), *command], env=env,
                               capture_output=True, text=True, timeout=120)
 
     def botocore(self, server_port: int) -> dict:
@@ -428,7 +428,7 @@ def test_docker_run_recipe_with_host_gateway(start_server, bridge, docker_engine
     server = imds_server_on_host(start_server, bridge)
     network = docker_engine.inspect(bridge.app)["HostConfig"]["NetworkMode"]
     name = Containers.name("le-imds-recipe")
-    proc = docker_engine.cli("run", "--rm", "--name", name, "--label", f"{TEST_LABEL}=1", "--network", network,
+    proc = docker_engine.cli("run", "--rm", "--name", name, "--label", docker_engine.label, "--network", network,
                              "--add-host", "host.docker.internal:host-gateway",
                              "-e", f"PORT={server.port}", "-e", f"NAME={name}",
                              busybox_image, "sh", "-c", RECIPE_SCRIPT, check=False)

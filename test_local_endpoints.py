@@ -34,7 +34,7 @@ import botocore.session
 import pytest
 
 import local_endpoints as le
-from conftest import REPO_ROOT, free_port, http_request, wait_for
+from testlib import REPO_ROOT, console_script, free_port, http_request, require_ipv6_loopback, wait_for
 
 EXPIRATION = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 CRED_KEYS = ["RoleArn", "AccessKeyId", "SecretAccessKey", "Token", "Expiration", "AccountId"]
@@ -208,8 +208,7 @@ def test_signals_stop_cleanly_within_two_seconds(start_server, signum):
 
 
 def test_dual_stack_bind_serves_ipv4_and_ipv6(start_server):
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6 on this machine")
+    require_ipv6_loopback()
     server = start_server(args=("--bind", "::"))
     assert server.get("/health")[0] == 200
     with socket.create_connection(("::1", server.port), timeout=5) as sock:
@@ -304,7 +303,7 @@ def test_aws_cli_gets_caller_identity_through_the_server(aws_server, moto, tmp_p
     for key in ("PYENV_ROOT", "PYENV_VERSION"):
         if key in os.environ:
             env[key] = os.environ[key]
-    result = subprocess.run(["aws", "sts", "get-caller-identity", "--endpoint-url", moto.moto_url, "--output",
+    result = subprocess.run([console_script("aws"), "sts", "get-caller-identity", "--endpoint-url", moto.moto_url, "--output",
                              "json"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "assumed-role/cli-role/ecs-local-cli-role" in json.loads(result.stdout)["Arn"]
@@ -641,11 +640,14 @@ class FakeIdentity:
 
 
 def test_credentials_response_format():
-    credentials = le.Credentials("AKID", "s", "t", datetime(2026, 11, 29, 8, 0, 0, 123, tzinfo=timezone.utc),
+    secret, token = "secret-access-key-value", "session-token-value"
+    credentials = le.Credentials("AKID", secret, token, datetime(2026, 11, 29, 8, 0, 0, 123, tzinfo=timezone.utc),
                                  role_arn="arn")
-    assert credentials.response() == {"RoleArn": "arn", "AccessKeyId": "AKID", "SecretAccessKey": "s",
-                                      "Token": "t", "Expiration": "2026-11-29T08:00:00Z"}
-    assert "s" not in repr(credentials).replace("Credentials", "").replace("access_key_id", "")
+    assert credentials.response() == {"RoleArn": "arn", "AccessKeyId": "AKID", "SecretAccessKey": secret,
+                                      "Token": token, "Expiration": "2026-11-29T08:00:00Z"}
+    for text in (repr(credentials), str(credentials), f"{credentials}", repr([credentials])):
+        assert "AKID" in text   # it is this object's text ...
+        assert secret not in text and token not in text, text   # ... without its secrets
 
 
 def test_cache_serves_a_valid_entry_when_sts_fails_and_warns(caplog):
@@ -675,7 +677,7 @@ def test_cache_refreshes_ahead_in_the_background():
         return make_credentials(60, "AKIDNEW")
     assert vendor._cached("k", fetch)[0].access_key_id == "AKIDOLD"   # served at once
     assert refreshed.wait(5)
-    time.sleep(0.1)
+    assert wait_for(lambda: vendor._cache["k"].access_key_id == "AKIDNEW", 5), "the refresh was not stored"
     assert vendor._cached("k", fetch)[0].access_key_id == "AKIDNEW" and len(calls) == 1
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 import local_endpoints
-from conftest import Containers, apt_install, unavailable, wait_for
+from testlib import Containers, apt_install, ensure_tool, nsenter_net, unavailable, wait_for
 
 COMPOSE_PROJECT = "com.docker.compose.project"
 COMPOSE_SERVICE = "com.docker.compose.service"
@@ -255,7 +255,7 @@ def fetch_from(engine, container_id: str, base: str, *paths: str) -> list[tuple[
     """GET each path of base from inside the container's network namespace."""
     pid = engine.inspect(container_id)["State"]["Pid"]
     assert pid, f"{container_id[:12]} is not running"
-    proc = subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", sys.executable, "-c", FETCH_SCRIPT,
+    proc = subprocess.run([*nsenter_net(pid), sys.executable, "-c", FETCH_SCRIPT,
                            *(base + p for p in paths)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return [tuple(result) for result in json.loads(proc.stdout)]
@@ -502,9 +502,8 @@ def test_task_metadata_builder_v4_fields():
     drift = doc["ClockDrift"]
     assert drift["ReferenceTimestamp"] == "2024-01-02T03:00:00Z"
     # The host kernel's own account (busybox's adjtimex applet reads the same adjtimex(2)).
-    if not shutil.which("busybox"):
-        apt_install("busybox-static")
-    kernel = subprocess.run(["busybox", "adjtimex"], capture_output=True, text=True, check=True).stdout
+    busybox = ensure_tool("busybox", "busybox-static")   # one line how to get it, when it cannot be installed
+    kernel = subprocess.run([busybox, "adjtimex"], capture_output=True, text=True, check=True).stdout
     maxerror = int(re.search(r"maxerror:\s+(\d+)", kernel).group(1))
     unsynchronized = "return value: 5" in kernel
     assert drift["ClockSynchronizationStatus"] == ("NOT_SYNCHRONIZED" if unsynchronized else "SYNCHRONIZED")
@@ -1122,7 +1121,9 @@ def test_container_stopped_mid_run(fleet, start_server, docker_engine, container
     replies = {}
     request = threading.Thread(target=lambda: replies.update(v4=server.get(f"/v4/{names[0]}/task/stats")))
     request.start()
-    time.sleep(0.3)
+    # Mid-run: the request has started both collectors and waits for their first samples.
+    assert wait_for(lambda: get_json(server, "/health")["statsCollectors"] == 2, 10), "collectors never started"
+    assert request.is_alive(), "the task stats request ended before the member stopped: nothing raced"
     docker_engine.cli("kill", stop)
     request.join(15)
     status, _, body = replies["v4"]
@@ -1147,6 +1148,7 @@ def test_container_stopped_mid_run(fleet, start_server, docker_engine, container
 # Docker stopped and started again (stops the shared engine: keep it last)
 # ---------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("private_engine")   # stops and starts the engine
 def test_docker_restart_while_serving(fleet, start_server, docker_engine, containers, busybox_image):
     """503 DockerUnavailable during the outage, right answers after it, no server restart;
     a server started while Docker is down recovers as well."""

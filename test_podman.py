@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (SERVER_SCRIPT, Server, _is_static_elf, apt_install, build_busybox_tar, free_port, server_env,
+from testlib import (SERVER_SCRIPT, Server, apt_install, build_busybox_tar, free_port, is_static_elf, server_env,
                       unavailable, wait_for)
 
 PODMAN_LOCK = Path("/run/le-podman.lock")
@@ -152,7 +152,7 @@ def provision() -> None:
     """podman and runc from apt when missing (root only), and busybox-static for the image."""
     missing = [package for package, command in (("podman", "podman"), ("runc", "runc"))
                if not shutil.which(command)]
-    if not _is_static_elf("/bin/busybox"):
+    if not is_static_elf("/bin/busybox"):
         missing.append("busybox-static")
     if missing:
         apt_install(*missing)

@@ -19,7 +19,7 @@ import json
 import secrets
 from datetime import datetime, timezone
 
-from conftest import wait_for
+from testlib import wait_for
 
 COMPOSE_PROJECT = "com.docker.compose.project"
 COMPOSE_SERVICE = "com.docker.compose.service"

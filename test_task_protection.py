@@ -27,7 +27,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 import local_endpoints
-from conftest import Containers, wait_for
+from testlib import Containers, nsenter_net, wait_for
 
 COMPOSE_PROJECT = "com.docker.compose.project"
 COMPOSE_SERVICE = "com.docker.compose.service"
@@ -351,7 +351,7 @@ except urllib.error.HTTPError as error:
 def from_inside(engine, container_id: str, method: str, url: str, body: str | None = None) -> tuple[int, str]:
     pid = engine.inspect(container_id)["State"]["Pid"]
     args = [method, url] + ([body] if body is not None else [])
-    proc = subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", sys.executable, "-c", CLIENT, *args],
+    proc = subprocess.run([*nsenter_net(pid), sys.executable, "-c", CLIENT, *args],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     status, reply = json.loads(proc.stdout)

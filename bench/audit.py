@@ -32,7 +32,7 @@ from pathlib import Path
 
 import benchlib
 from benchlib import SERVER_SCRIPT, apt_install, fetch, free_port, server_env, tcp
-from conftest import Moto
+from testlib import Moto
 
 ROLE = "le-bench-audit"
 PATHS = (f"/role/{ROLE}", "/creds")

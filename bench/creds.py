@@ -24,7 +24,7 @@ from pathlib import Path
 
 import benchlib
 from benchlib import Measurement, Server, compare, fetch, free_port, table, tcp, verdict, wrk
-from conftest import Moto, http_request
+from testlib import Moto, http_request
 
 ROLE = "le-bench-app"
 PATHS = ("/creds", f"/role/{ROLE}")

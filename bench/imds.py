@@ -26,7 +26,7 @@ from pathlib import Path
 
 import benchlib
 from benchlib import verdict
-from conftest import Moto, apt_install, http_request
+from testlib import Moto, apt_install, http_request
 
 IMDS_PATH = "/latest/meta-data/iam/security-credentials/local-endpoints"
 MIN_THROUGHPUT_RATIO = 0.8

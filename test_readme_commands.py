@@ -1,0 +1,88 @@
+"""The README's two development commands work on a stock Debian 12 (issue 13).
+
+Debian's system Python refuses ``pip install`` (PEP 668), so the commands
+create a virtual environment themselves; ``.ci/run`` runs the same two lines.
+The proof is a fresh Debian bookworm container with only python3,
+python3-venv and git (made with debootstrap like test_image.py's base image:
+no image registry is reachable), a non-root user in it, a ``git clone`` of
+this working tree, and the README's commands, verbatim.
+
+The nested run is the pure selection (``-m 'not docker'``): a Docker-backed run
+inside the container would need the docker CLI, root and the host's PID
+namespace (the tests enter containers' network namespaces), and would double
+the suite's time. Timings on the 2-core machine: the Debian image ~60 s
+(once on the tests' own engine, where it is kept), the commands ~4 min.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from testlib import REPO_ROOT, debootstrap_image, unavailable
+
+README = REPO_ROOT / "README.md"
+CI_RUN = REPO_ROOT / ".ci/run"
+SETUP_COMMAND = "python3 -m venv .venv && .venv/bin/pip install -r requirements-dev.txt"
+TEST_COMMAND = ".venv/bin/python -m pytest"
+DEBIAN_IMAGE = "local-endpoints-test/debian12-venv:1"   # bump when the recipe changes
+USER_ID = 1000
+
+
+def test_readme_and_ci_give_the_same_commands():
+    readme, ci = README.read_text(), CI_RUN.read_text()
+    assert SETUP_COMMAND in readme and TEST_COMMAND in readme
+    assert SETUP_COMMAND in ci and TEST_COMMAND in ci
+
+
+def snapshot(dest: Path) -> Path:
+    """A git repository holding the working tree as it is (tracked and new files, not ignored)."""
+    def git(*args, cwd=dest):
+        return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+    files = git("ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=REPO_ROOT).split("\0")
+    dest.mkdir()
+    for name in filter(None, files):
+        source = REPO_ROOT / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-q", "-m", "snapshot")
+    for path in [dest, *dest.rglob("*")]:
+        os.lchown(path, USER_ID, USER_ID)
+    return dest
+
+
+def test_readme_commands_on_stock_debian_12(docker_engine, tmp_path, record_property):
+    if os.geteuid() != 0:
+        unavailable("needs root (debootstrap): run the tests as root")
+    if docker_engine.socket is None:
+        unavailable(f"needs a local engine to mount the clone into, not {docker_engine.host}")
+    started = time.monotonic()
+    if not docker_engine.has_image(DEBIAN_IMAGE):
+        debootstrap_image(docker_engine, DEBIAN_IMAGE, ["python3", "python3-venv", "git"], tmp_path / "debian")
+    built = time.monotonic()
+    source = snapshot(tmp_path / "src")
+    script = " && ".join([
+        "git clone -q /src ~/local-endpoints", "cd ~/local-endpoints",
+        SETUP_COMMAND + " -q", TEST_COMMAND + " -m 'not docker' -q -rs -p no:cacheprovider"])
+    proc = docker_engine.cli(
+        "run", "--rm", "--label", docker_engine.label, "-v", f"{source}:/src:ro", DEBIAN_IMAGE, "bash", "-c",
+        f"useradd -m -u {USER_ID} dev && runuser -u dev -- bash -c {shlex.quote(script)}",
+        check=False, timeout=1800)
+    output = proc.stdout + proc.stderr
+    record_property("debian_image_seconds", round(built - started, 1))
+    record_property("readme_commands_seconds", round(time.monotonic() - built, 1))
+    print(f"\n[figure] Debian image {built - started:.0f} s, README commands {time.monotonic() - built:.0f} s")
+    assert proc.returncode == 0, output[-6000:]
+    last = output.strip().splitlines()[-1]
+    print(f"[figure] the nested run: {last}")
+    assert " passed" in last and "failed" not in last and "error" not in last, last
