@@ -39,6 +39,7 @@ import botocore.credentials
 import pytest
 
 import local_endpoints as le
+from test_hardening import get
 from testlib import REPO_ROOT, console_script, free_port, http_request, nsenter_net, wait_for
 
 ACCOUNT = "123456789012"
@@ -72,17 +73,6 @@ def error_of(response, status: int, code: str) -> dict:
     doc = json.loads(body)
     assert doc["code"] == code and doc["HTTPErrorCode"] == status, doc
     return doc
-
-
-def get(port: int, path: str, headers=None, source: str | None = None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10,
-                                      source_address=(source, 0) if source else None)
-    try:
-        conn.request("GET", path, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
 
 
 def audit_lines(log: str) -> list[str]:

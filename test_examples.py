@@ -54,7 +54,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -65,8 +64,8 @@ from typing import Callable
 import pytest
 import yaml  # PyYAML comes with moto[server] (requirements-dev.txt)
 
-from test_image import BASE_IMAGE, build_base_image, image_exists, run, wait_http
-from testlib import DUMMY_AWS_ENV, SESSION_ID, TEST_LABEL, ensure_tool, free_port, unavailable, wait_for
+from test_image import BASE_IMAGE, build_base_image, image_exists, moto_server_at, run, wait_http
+from testlib import DUMMY_AWS_ENV, SESSION_ID, TEST_LABEL, ensure_tool, unavailable, wait_for
 
 REPO = Path(__file__).resolve().parent
 EXAMPLES = REPO / "examples"
@@ -534,21 +533,8 @@ def host_gateway(docker_engine, busybox_image) -> str:
 def host_moto(host_gateway):
     """moto_server on the host at the host-gateway address: reachable from the host,
     from containers on any bridge network and from host-network containers."""
-    port = free_port(host_gateway)
-    env = dict({k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **DUMMY_AWS_ENV)
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", host_gateway, "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    url = f"http://{host_gateway}:{port}"
-    try:
-        wait_http(url + "/moto-api/", timeout=30)
+    with moto_server_at(host_gateway) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def host_server(start_server, docker_engine, host_moto, bind: str | None = None):

@@ -33,6 +33,7 @@ image ~6 s (pip install inside ``docker build`` on the default bridge network,
 no ``--network host`` needed), the rest ~15 s.
 """
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -48,7 +49,7 @@ from pathlib import Path
 
 import pytest
 
-from testlib import debootstrap_image, free_port, unavailable
+from testlib import DUMMY_AWS_ENV, debootstrap_image, free_port, unavailable
 
 REPO = Path(__file__).resolve().parent
 
@@ -263,21 +264,19 @@ def wait_http(url, timeout=30):
             time.sleep(0.2)
 
 
-@pytest.fixture(scope="module")
-def gateway_moto(special_network):
-    """moto_server on the host, bound to the test network's gateway address."""
+@contextlib.contextmanager
+def moto_server_at(host: str):
+    """moto_server on the host bound to ``host`` (a gateway address containers reach): its URL."""
     try:
         import flask  # noqa: F401  (moto_server needs it)
         import moto.server  # noqa: F401
     except ImportError as e:
         unavailable("moto[server] is not installed (%s): .venv/bin/pip install -r requirements-dev.txt" % e)
-    gateway = special_network.gateway
-    port = free_port(gateway)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", gateway, "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = "http://%s:%d" % (gateway, port)
+    port = free_port(host)
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **DUMMY_AWS_ENV)
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    url = "http://%s:%d" % (host, port)
     try:
         wait_http(url + "/moto-api/", timeout=30)
         yield url
@@ -287,6 +286,14 @@ def gateway_moto(special_network):
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def gateway_moto(special_network):
+    """moto_server on the host, bound to the test network's gateway address."""
+    with moto_server_at(special_network.gateway) as url:
+        yield url
 
 
 DUMMY_ENV = {
