@@ -1,6 +1,6 @@
 """Benchmark of issue 11: what the audit trail costs on cached credentials, measured with wrk.
 
-Starts moto_server behind conftest's counting proxy, creates a role, and starts
+Starts moto_server behind testlib's counting proxy, creates a role, and starts
 local_endpoints.py servers on it that differ only in logging:
 
 * ``WARNING``: no line per request (the other benchmarks' setting);
@@ -11,27 +11,23 @@ local_endpoints.py servers on it that differ only in logging:
   at ``INFO``: its access line, as before the audit trail.
 
 Each is driven by ``wrk`` (keep-alive, fixed connections) on a cached
-``/role/{name}`` and ``/creds``, windows interleaved round by round; the table
-prints each target's median req/s and its ratio to ``WARNING`` of the same run.
-Every answer must be 200 (wrk's non-2xx count is checked).
+``/role/{name}`` and ``/creds``, windows alternated round by round; ratios are
+to ``WARNING`` of the same run. Every answer must be 200.
 
-    python3 bench/audit.py [--connections 8] [--threads 2] [--rounds 3] [--seconds 3] [--before PATH]
+    python3 bench/audit.py [--connections 8] [--rounds 3] [--seconds 3] [--before PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import re
-import shutil
-import statistics
-import subprocess
+import functools
 import sys
 import tempfile
 from pathlib import Path
 
 import benchlib
-from benchlib import SERVER_SCRIPT, apt_install, fetch, free_port, server_env, tcp
+from benchlib import SERVER_SCRIPT, compare, fetch, table, tcp, wrk
 from testlib import Moto
 
 ROLE = "le-bench-audit"
@@ -39,38 +35,13 @@ PATHS = (f"/role/{ROLE}", "/creds")
 BASELINE = "WARNING (no line)"
 
 
-def wrk(port: int, path: str, connections: int, threads: int, seconds: float) -> float:
-    """Requests per second of one wrk window; RuntimeError on any non-2xx answer or socket error."""
-    result = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s",
-                             f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True,
-                            timeout=seconds + 30)
-    if result.returncode != 0:
-        raise RuntimeError(f"wrk failed: {result.stderr}")
-    if re.search(r"Non-2xx or 3xx responses|Socket errors", result.stdout):
-        raise RuntimeError(f"wrk saw errors on {path}:\n{result.stdout}")
-    return float(re.search(r"Requests/sec:\s+([\d.]+)", result.stdout).group(1))
-
-
-@contextlib.contextmanager
-def server(workdir: Path, env: dict, level: str, script: Path):
-    port = free_port()
-    cmd = [sys.executable, str(script), "--port", str(port), "--bind", "127.0.0.1", "--log-level", level]
-    home = workdir / "home"
-    home.mkdir(exist_ok=True)
-    with benchlib.running(cmd, workdir, port, server_env(home, env)) as running:
-        yield running
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--connections", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--connections", type=int, default=8, help="wrk's keep-alive connections")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=3.0, help="length of one wrk window")
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of one window")
     parser.add_argument("--before", type=Path, help="another local_endpoints.py to run at INFO for comparison")
     args = parser.parse_args()
-    if not shutil.which("wrk"):
-        apt_install("wrk")
 
     with tempfile.TemporaryDirectory(prefix="le-bench-audit-") as tmp:
         workdir = Path(tmp)
@@ -90,39 +61,31 @@ def main() -> int:
             if args.before:
                 variants[f"{args.before.name} at INFO"] = (env, "INFO", args.before.resolve())
             with contextlib.ExitStack() as stack:
-                ports = {label: stack.enter_context(server(workdir, *variant)).port
+                ports = {label: stack.enter_context(benchlib.endpoints(workdir, *variant)).port
                          for label, variant in variants.items()}
                 for port in ports.values():
                     for path in PATHS:
                         fetch(tcp(port), path)   # warm: the cache holds every identity
                 moto.reset_counts()
-                rates: dict[tuple[str, str], list[float]] = {(l, p): [] for l in variants for p in PATHS}
-                for _ in range(args.rounds):
-                    for path in PATHS:
-                        for label, port in ports.items():
-                            rates[label, path].append(wrk(port, path, args.connections, args.threads,
-                                                          args.seconds))
+                load = benchlib.load_note()
+                results = compare({(label, path): functools.partial(wrk, port, path, connections=args.connections)
+                                   for path in PATHS for label, port in ports.items()}, args.rounds, args.seconds)
             audit_records = len(audit_file.read_text().splitlines())
             sts_calls = moto.count(service="sts")
         finally:
             moto.close()
 
-    print(f"\ncached credentials under wrk -t{args.threads} -c{args.connections}, {args.rounds} x "
-          f"{args.seconds:g} s windows per target, interleaved; median req/s, ratio to "
-          f"'{BASELINE}' of the same run\n")
-    header = f"{'target':<34} {'path':<22} {'req/s':>9} {'min':>9} {'max':>9} {'ratio':>7}"
-    print(header)
-    print("-" * len(header))
-    for path in PATHS:
-        base = statistics.median(rates[BASELINE, path])
-        for label in variants:
-            values = rates[label, path]
-            median = statistics.median(values)
-            print(f"{label:<34} {path:<22} {median:>9.0f} {min(values):>9.0f} {max(values):>9.0f}"
-                  f" {median / base:>7.3f}")
+    print(f"\ncached credentials, wrk -t1 -c{args.connections}, {args.rounds} x {args.seconds:g} s windows per "
+          f"target, alternated (ratios: to '{BASELINE}' of the same run); {load}\n")
+    print(table([(f"{label} {path}", args.connections, results[label, path],
+                  None if label == BASELINE else results[BASELINE, path])
+                 for path in PATHS for label in variants]))
     print(f"\n{audit_records} JSON audit records written; {sts_calls} STS call(s) during the windows "
           "(0 expected: every answer came from the cache)")
-    return 0
+    failures = benchlib.errors_of({f"{label} {path}": m for (label, path), m in results.items()})
+    for failure in failures:
+        print(f"FAILED  {failure}")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

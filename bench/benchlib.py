@@ -72,13 +72,14 @@ def running(cmd: list[str], workdir: Path, port: int, env: dict | None = None):
         server.stop()
 
 
-def endpoints(workdir: Path, env: dict):
-    """local_endpoints.py at --log-level WARNING (no access log to slow it down); see ``running``."""
+def endpoints(workdir: Path, env: dict, level: str = "WARNING", script: Path = SERVER_SCRIPT):
+    """local_endpoints.py, by default at --log-level WARNING (no line per request to slow it
+    down); see ``running``."""
     home = workdir / "home"
     home.mkdir(exist_ok=True)
     port = free_port()
-    return running([sys.executable, str(SERVER_SCRIPT), "--port", str(port), "--bind", "127.0.0.1",
-                    "--log-level", "WARNING"], workdir, port, server_env(home, env))
+    return running([sys.executable, str(script), "--port", str(port), "--bind", "127.0.0.1",
+                    "--log-level", level], workdir, port, server_env(home, env))
 
 
 def tcp(port: int) -> Connect:
@@ -197,15 +198,17 @@ def ensure_wrk() -> str:
     return shutil.which("wrk")
 
 
-def wrk(port: int, path: str, seconds: float, connections: int = 8) -> tuple[Window, list[str]]:
+def wrk(port: int, path: str, seconds: float, connections: int = 8, headers: dict[str, str] | None = None
+        ) -> tuple[Window, list[str]]:
     """One window of ``wrk -t1 -c{connections} -d{seconds}s`` on http://127.0.0.1:{port}{path}.
 
     wrk is a C client on one thread: it needs far less CPU per request than
     the Python server it drives, so the server, not the client, saturates.
     Any error or non-2xx answer is reported.
     """
+    header_args = [arg for name, value in (headers or {}).items() for arg in ("-H", f"{name}: {value}")]
     result = subprocess.run([ensure_wrk(), "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s",
-                             "-s", str(WRK_SCRIPT), f"http://127.0.0.1:{port}{path}"],
+                             *header_args, "-s", str(WRK_SCRIPT), f"http://127.0.0.1:{port}{path}"],
                             capture_output=True, text=True, timeout=seconds + 30)
     if result.returncode != 0:
         raise RuntimeError(f"wrk {path}: exit {result.returncode}: {result.stderr[-500:]}")
