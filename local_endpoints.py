@@ -3070,7 +3070,6 @@ class RequestHandler(BaseHTTPRequestHandler):
     sys_version = ""
     disable_nagle_algorithm = True    # no 40 ms Nagle + delayed-ACK stall on keep-alive
     server: EndpointsServer
-    audited = False                   # this request's audit line stands for its access line
 
     def handle_one_request(self) -> None:
         """BaseHTTPRequestHandler's loop step, routing every method through one table.
@@ -3146,10 +3145,12 @@ class RequestHandler(BaseHTTPRequestHandler):
         return True
 
     def dispatch(self) -> None:
-        self.write_response(self.answer())
+        response, audited = self.answer()
+        self.write_response(response, access_line=not audited)   # an audit line stands for it
 
-    def answer(self) -> Response:
-        """The route's answer to this request, errors included."""
+    def answer(self) -> tuple[Response, bool]:
+        """The route's answer to this request, errors included, and whether the audit trail
+        recorded it."""
         endpoints = self.server.endpoints
         path = normalize_path(self.path)
         body_sent = self.headers.get("Content-Length", "0").strip() not in ("", "0") or \
@@ -3169,17 +3170,16 @@ class RequestHandler(BaseHTTPRequestHandler):
             request = Request(params, plain_ip(self.client_address[0]), self.headers, self._started, body)
             if chosen.guarded:
                 endpoints.policy.check(request.caller, request.authorization)
-            response = as_response(chosen.handler(endpoints, request))
-            self.audited = chosen.audited   # the handler recorded it
-            return response
+            return as_response(chosen.handler(endpoints, request)), chosen.audited   # the handler recorded it
         except ApiError as exc:
-            if request is not None and chosen.audited:   # a credentials route's refusal or failure
+            audited = request is not None and chosen.audited
+            if audited:   # a credentials route's refusal or failure
                 endpoints.audit.record(request, printable(path, AUDIT_TEXT_LIMIT), error=exc)
-                self.audited = True
-            return exc.response()
+            return exc.response(), audited
         except Exception:
             log.exception("error in %s %s", self.command, printable(path, 200))
-            return ApiError(500, "InternalError", "internal error in local-endpoints; see its log").response()
+            error = ApiError(500, "InternalError", "internal error in local-endpoints; see its log")
+            return error.response(), False
 
     def read_body(self) -> bytes:
         """A request body of at most MAX_BODY bytes, which must arrive within CLIENT_TIMEOUT."""
@@ -3197,13 +3197,13 @@ class RequestHandler(BaseHTTPRequestHandler):
             raise ConnectionAbortedError("request body cut short")
         return body
 
-    def write_response(self, response: Response) -> None:
+    def write_response(self, response: Response, access_line: bool = True) -> None:
         """Status line, headers and body in one write: no Nagle + delayed-ACK stall, one syscall."""
         self.server.deadlines[self] = time.monotonic() + CLIENT_TIMEOUT   # a client that never reads
         self.wfile.write(encode_response(response, self.close_connection, self.server.date(),
                                          head_only=self.command == "HEAD"))
         self.server.deadlines.pop(self, None)
-        if log.isEnabledFor(logging.INFO):   # formatting the line costs microseconds
+        if access_line and log.isEnabledFor(logging.INFO):   # formatting the line costs microseconds
             self.log_access(response.status)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
@@ -3214,9 +3214,6 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def log_access(self, status: int) -> None:
         # Only method, path (no query), status, time and address: never headers.
-        if self.audited:   # a credentials route: AuditTrail logged it, with the same facts
-            self.audited = False
-            return
         path = printable((getattr(self, "path", "") or "").split("?", 1)[0], 300)
         log.info("%s %s %d %.1fms %s", self.command or "-", path or "-", status,
                  (time.monotonic() - self._started) * 1000, plain_ip(self.client_address[0]))
