@@ -39,8 +39,8 @@ import botocore.credentials
 import pytest
 
 import local_endpoints as le
-from test_hardening import get
-from testlib import REPO_ROOT, console_script, free_port, http_request, nsenter_net, wait_for
+from test_hardening import creds_from_namespace, get
+from testlib import REPO_ROOT, console_script, free_port, http_request, wait_for
 
 ACCOUNT = "123456789012"
 MFA_SERIAL = f"arn:aws:iam::{ACCOUNT}:mfa/dev"
@@ -621,12 +621,7 @@ def test_audit_names_the_calling_container(start_server, moto, secrets, docker_e
                           args=("--bind", "0.0.0.0"))
     assert wait_for(lambda: json.loads(server.get("/health")[2])["docker"]["reachable"], 15)
     pid = docker_engine.inspect(app)["State"]["Pid"]
-    client = ("import http.client, sys; c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=10); "
-              "c.request('GET', '/creds'); r = c.getresponse(); print(r.status); print(r.read().decode())")
-    result = subprocess.run([*nsenter_net(pid), sys.executable, "-c", client,
-                             gateway, str(server.port)], capture_output=True, text=True, timeout=30)
-    status, body = result.stdout.split("\n", 1)
-    assert status == "200", (result.stdout, result.stderr)
+    body = creds_from_namespace(pid, gateway, server.port)
     vended(secrets, (200, {}, body.encode()))
     app_ip = docker_engine.inspect(app)["NetworkSettings"]["Networks"][network]["IPAddress"]
     record = json.loads(audit.read_text().splitlines()[-1])

@@ -99,6 +99,17 @@ def get(port: int, path: str, headers=None, source: str | None = None, host: str
         conn.close()
 
 
+def creds_from_namespace(pid: int, host: str, port: int) -> str:
+    """GET /creds from inside the network namespace of process pid (a container's): its body."""
+    client = ("import http.client, sys; c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=10); "
+              "c.request('GET', '/creds'); r = c.getresponse(); print(r.status); print(r.read().decode())")
+    result = subprocess.run([*nsenter_net(pid), sys.executable, "-c", client, host, str(port)],
+                            capture_output=True, text=True, timeout=30)
+    status, body = result.stdout.split("\n", 1)
+    assert status == "200", (result.stdout, result.stderr)
+    return body
+
+
 def raw_exchange(port: int, data: bytes, method: str = "GET", timeout: float = 10.0):
     """Send raw bytes on a new connection; ``(status, headers, body, trailing bytes)``.
 
@@ -217,12 +228,7 @@ def test_bridge_network_callers_allowed_by_default(start_server, moto, secrets, 
     pid = docker_engine.inspect(app)["State"]["Pid"]
     server = start_server(env=aws_env(moto, DOCKER_HOST=docker_engine.host), args=("--bind", "0.0.0.0"))
     wait_docker_synced(server)
-    client = ("import http.client, sys; c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=10); "
-              "c.request('GET', '/creds'); r = c.getresponse(); print(r.status); print(r.read().decode())")
-    result = subprocess.run([*nsenter_net(pid), sys.executable, "-c", client,
-                             gateway, str(server.port)], capture_output=True, text=True, timeout=30)
-    status, body = result.stdout.split("\n", 1)
-    assert status == "200", (result.stdout, result.stderr)
+    body = creds_from_namespace(pid, gateway, server.port)
     vended(secrets, body.encode())
     app_ip = docker_engine.inspect(app)["NetworkSettings"]["Networks"][network]["IPAddress"]
     assert re.search(rf"route=/creds caller={re.escape(app_ip)} .*outcome=served status=200 ", server.log(),
