@@ -2607,9 +2607,13 @@ def validate_task_definition(definition: dict) -> None:
         raise TaskDefinitionError("containerDefinitions", "at least one container must be essential")
     volumes = {v.get("name") for v in definition.get("volumes") or []}
     task_memory = task_memory_mib(definition.get("memory"))
+    fargate = "FARGATE" in (definition.get("requiresCompatibilities") or ())
     for index, container in enumerate(containers):
         where = f"containerDefinitions[{index}]"
         validate_container(container, where, mode, by_name, volumes, task_memory)
+        if not (task_memory or fargate or container.get("memory") or container.get("memoryReservation")):
+            raise TaskDefinitionError(f"{where}.memory", f"container {container['name']!r} needs memory or "
+                                                         "memoryReservation when the task has no memory")
     dependency_order(containers)
 
 
