@@ -1872,8 +1872,9 @@ class AuditTrail:
     the secret key or the token.
     """
 
-    def __init__(self, path: str | None, view: ContainerView, own_candidates: list[str]):
+    def __init__(self, path: str | None, view: ContainerView, own_candidates: list[str], task: str | None = None):
         self._view = view
+        self._task = task   # `run`'s task ARN: every record is of a request from that task
         self._own_candidates = own_candidates
         self._lock = threading.Lock()
         self._file = None
@@ -1899,7 +1900,7 @@ class AuditTrail:
             return name
 
     def record(self, request: Request, route: str, issued: Issued | None = None, error: ApiError | None = None,
-               role: str | None = None, task: str | None = None) -> None:
+               role: str | None = None) -> None:
         """What a credentials route answered: the credentials issued, or the error.
 
         role is the role asked for, by default the route's name or arn parameter.
@@ -1924,8 +1925,8 @@ class AuditTrail:
             line = f"credentials route={safe(route)} caller={request.caller}"
             if container:
                 line += f" container={container}"
-            if task:
-                line += f" task={task}"
+            if self._task:
+                line += f" task={self._task}"
             if role:
                 line += f" role={safe(role)}"
             if credentials:
@@ -1939,13 +1940,15 @@ class AuditTrail:
         if self._file is not None:
             entry = {
                 "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                "route": route, "caller": str(request.caller), "container": container, "task": task, "role": role,
+                "route": route, "caller": str(request.caller), "container": container, "role": role,
                 "accessKeyId": credentials.access_key_id if credentials else None,
                 "expiration": credentials.expiry_text if credentials else None,
                 "source": issued.source if issued else None, "outcome": outcome,
             }
             if error:
                 entry["reason"] = error.message
+            if self._task:
+                entry["task"] = self._task
             with self._lock:
                 try:
                     self._file.write(json.dumps(entry) + "\n")
@@ -3400,7 +3403,8 @@ class Endpoints:
         self.container_override = JsonOverride(config.container_metadata_path)
         self.task_override = JsonOverride(config.task_metadata_path)
         self._own_candidates = own_container_candidates(config)
-        self.audit = AuditTrail(config.audit_log, self.view, self._own_candidates)
+        self.audit = AuditTrail(config.audit_log, self.view, self._own_candidates,
+                                task.plan.identity.arn if task else None)
         self.imds_on = config.imds == "ON" or (config.imds == "AUTO" and not self.policy.token_required)
         self.imds_role_name = (config.imds_role or IMDS_DEFAULT_ROLE).rsplit("/", 1)[-1]
         self.imds_tokens = ImdsTokens()
@@ -3435,7 +3439,7 @@ class Endpoints:
     def _vend(self, request: Request, route: str, issue: Callable[[], Issued]) -> bytes:
         """Credentials, recorded in the audit trail (errors are recorded where they are answered)."""
         issued = issue()
-        self.audit.record(request, route, issued, task=self.task_run and self.task_run.plan.identity.arn)
+        self.audit.record(request, route, issued)
         return credentials_body(issued.credentials)
 
     # -- IMDSv2: SDKs' last resort, at AWS_EC2_METADATA_SERVICE_ENDPOINT ------------
@@ -3731,12 +3735,20 @@ class Route:
     pattern: re.Pattern
     converters: dict[str, Callable[[str], Any]]
 
+    def loggable(self, path: str, params: dict[str, Any]) -> str:
+        """The path as logs and the audit trail show it: {name:secret} parameters masked."""
+        for name in re.findall(r"\{(\w+):secret\}", self.rule):
+            if params.get(name):
+                path = path.replace(params[name], "{" + name + "}")
+        return path
+
 
 # Words that name a route under /v3 and /v4, so never a container identifier.
 RESERVED_WORDS = ("task", "taskWithTags", "stats", "containers")
 
 SEGMENT_PATTERNS = {
     "": r"[^/]+",                 # {name}: one path segment
+    "secret": r"[^/]+",           # {name:secret}: one segment that is a capability: never logged
     "path": r".+",                # {name:path}: the rest of the path, slashes included
     "container": rf"(?!(?:{'|'.join(RESERVED_WORDS)})(?:/|$))[^/]+",   # {name:container}
 }
@@ -3779,7 +3791,7 @@ ROUTES: tuple[Route, ...] = (
     route("GET", "/role/{name}", Endpoints.role, guarded=True, audited=True),
     route("GET", "/role-arn/{arn:path}", Endpoints.role_arn, guarded=True, audited=True),
     # The agent's task role route, for tasks `run` started: the unguessable id is the guard, as on ECS.
-    route("GET", "/v2/credentials[/{id}]", Endpoints.task_credentials, audited=True),
+    route("GET", "/v2/credentials[/{id:secret}]", Endpoints.task_credentials, audited=True),
     route("GET", "/health", Endpoints.health),
     route("GET", "/v{version:2}/metadata", Endpoints.task),
     route("GET", "/v{version:2}/metadataWithTags", Endpoints.task_with_tags),
@@ -4056,7 +4068,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         except ApiError as exc:
             audited = request is not None and chosen.audited
             if audited:   # a credentials route's refusal or failure
-                endpoints.audit.record(request, printable(path, AUDIT_TEXT_LIMIT), error=exc)
+                endpoints.audit.record(request, printable(chosen.loggable(path, request.params), AUDIT_TEXT_LIMIT),
+                                       error=exc)
             return exc.response(), audited
         except Exception:
             log.exception("error in %s %s", self.command, printable(path, 200))
@@ -4243,6 +4256,7 @@ class TaskRunner:
         self.host_address_added = False
         self.log_threads: list[threading.Thread] = []
         self._print = threading.Lock()
+        self._refreshing = threading.Lock()
         self._said_running = False
 
     # -- output ----------------------------------------------------------------
@@ -4336,13 +4350,19 @@ class TaskRunner:
             log.debug("event stream ended: %s", exc.message)
 
     def refresh(self, docker_name: str) -> None:
-        run = self.task.containers[docker_name]
-        before = (run.known, run.health())
-        try:
-            self.task.update(docker_name, self.docker.inspect(docker_name))
-        except (LookupError, ApiError):
-            return
-        self.endpoints.stats.follow(self.task.snapshot)
+        """The container inspected again into the TaskRun, and what changed said once (the event
+        thread and the main thread both refresh)."""
+        with self._refreshing:
+            run = self.task.containers[docker_name]
+            before = (run.known, run.health())
+            try:
+                self.task.update(docker_name, self.docker.inspect(docker_name))
+            except (LookupError, ApiError):
+                return
+            self.endpoints.stats.follow(self.task.snapshot)
+            self._say_changes(run, before)
+
+    def _say_changes(self, run: ContainerRun, before: tuple[str, str]) -> None:
         after = (run.known, run.health())
         if after == before or run.planned.is_holder:
             return
@@ -4424,7 +4444,8 @@ class TaskRunner:
         except OSError as exc:
             raise TaskStopping(f"cannot serve the endpoints at {ENDPOINTS_ADDRESS} in the task's network "
                                f"namespace ({exc.strerror or exc}): run needs root on Linux, and in the image "
-                               "--privileged --pid host (and --network host for host-mode tasks)", 1) from None
+                               "--cap-add SYS_ADMIN --cap-add NET_ADMIN --pid host (and --network host for "
+                               "host-mode tasks)", 1) from None
         self.host_address_added |= pid is None and added
         server = EndpointsServer((ENDPOINTS_ADDRESS, 80), self.endpoints, self.endpoints.config.max_connections,
                                  listening=listening, namespace=served)
@@ -4568,7 +4589,7 @@ def parse_run_args(argv: list[str]) -> argparse.Namespace:
         prog="local_endpoints.py run",
         description="Run an ECS task definition on this Docker Engine as the ECS agent runs it: its containers "
                     "in dependency order, its task role, and the endpoints at 169.254.170.2 in each network "
-                    "namespace. Needs root on Linux (in the image: --privileged --pid host). Stops the task "
+                    "namespace. Needs root on Linux (in the image: --cap-add SYS_ADMIN --cap-add NET_ADMIN --pid host). Stops the task "
                     "on Ctrl-C or SIGTERM and removes everything it created.",
         epilog="exit status: that of the essential container whose exit stopped the task; 2 for invalid "
                "input; 1 when the task could not start; 130/143 when stopped by Ctrl-C/SIGTERM")

@@ -215,9 +215,10 @@ def three_container_task(role_arn: str) -> dict:
     }
 
 
-def test_three_container_awsvpc_task_runs_as_on_ecs(run_task, task_moto, docker_engine, monkeypatch):
+def test_three_container_awsvpc_task_runs_as_on_ecs(run_task, task_moto, docker_engine, tmp_path):
     role = task_moto.create_role(ROLE_NAME)
-    task = run_task(three_container_task(role), "--tag", "team=payments")
+    audit = tmp_path / "audit.jsonl"
+    task = run_task(three_container_task(role), "--tag", "team=payments", env={"ECS_LOCAL_AUDIT_LOG": audit})
     task.wait_for("task RUNNING")
     progress = task.stderr
     # Dependency order: init exits 0 before web is created; web is healthy before app is created.
@@ -296,6 +297,15 @@ def test_three_container_awsvpc_task_runs_as_on_ecs(run_task, task_moto, docker_
     assert "task STOPPED: Essential container in task exited" in task.stderr
     assert "app | hello from init" in task.stdout and "init | preparing" in task.stdout
     assert not task.left_behind()
+    # The audit trail names the task; the credentials id, a capability, is in no log.
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(r["route"], r["outcome"], r["task"]) for r in records] == [
+        ("/v2/credentials", "served", metadata["TaskARN"]),
+        ("/v2/credentials/{id}", "InvalidIdInRequest", metadata["TaskARN"]),
+        ("/v2/credentials", "served", metadata["TaskARN"]),
+        ("/v2/credentials", "served", metadata["TaskARN"])]
+    credentials_id = env["AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"].rsplit("/", 1)[1]
+    assert credentials_id not in audit.read_text() + task.stderr + task.stdout
 
 
 # =============================================================================
@@ -483,6 +493,7 @@ def test_a_task_definition_read_from_ecs_with_its_tags(run_task, task_moto, busy
     revision = registered["taskDefinition"]["revision"]
     task = run_task(f"{family}:{revision}", "--tag", "env=local")
     assert task.finish() == 0, task.stderr
+    assert "app | " in task.stdout, task.stderr
     document = json.loads(task.stdout.split("app | ", 1)[1].splitlines()[0])
     assert document["Family"] == family and document["Revision"] == str(revision)
     assert document["TaskTags"] == {"owner": "team-a", "env": "local"}
