@@ -2547,8 +2547,9 @@ def agent_name(name: str) -> str:
 
 
 def docker_name(family: str, revision: str, name: str, suffix: str) -> str:
-    """The agent's Docker name: ecs-{family}-{revision}-{name}-{20 hex digits}."""
-    return f"ecs-{agent_name(family)}-{revision}-{agent_name(name)}-{suffix}"
+    """The agent's Docker name: ecs-{family}-{revision}-{name}-{20 hex digits}; only the
+    container's name is stripped (a family's letters, digits, _ and - are valid in Docker names)."""
+    return f"ecs-{family}-{revision}-{agent_name(name)}-{suffix}"
 
 
 def dependency_order(containers: list[dict]) -> list[str]:
@@ -2591,8 +2592,9 @@ def validate_task_definition(definition: dict) -> None:
     containers = definition.get("containerDefinitions")
     if not isinstance(containers, list) or not containers:
         raise TaskDefinitionError("containerDefinitions", "a task definition needs at least one container")
-    if not definition.get("family"):
-        raise TaskDefinitionError("family", "a task definition needs a family")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", str(definition.get("family") or "")):
+        raise TaskDefinitionError("family", "a task definition needs a family of up to 255 letters, digits, "
+                                            "_ and -")
     by_name: dict[str, dict] = {}
     for index, container in enumerate(containers):
         where = f"containerDefinitions[{index}]"

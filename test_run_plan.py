@@ -172,7 +172,6 @@ class TestNames:
         assert le.docker_name("web", "7", "my_app.1", "0123456789abcdef0123") == \
             "ecs-web-7-myapp1-0123456789abcdef0123"
 
-    @pytest.mark.xfail(strict=True, reason="docker_name strips the family as well as the container's name")
     def test_docker_name_keeps_the_family_as_registered(self):
         # docker_task_engine.go: "ecs-" + task.Family + "-" + task.Version + "-" + name + "-" + RandHex();
         # only the container's name is stripped (families may hold underscores, which Docker accepts).
@@ -224,6 +223,8 @@ class TestValidation:
         ({"family": "web"}, "containerDefinitions", "at least one container"),
         ({"family": "web", "containerDefinitions": []}, "containerDefinitions", "at least one container"),
         ({"containerDefinitions": [container("a")]}, "family", "needs a family"),
+        (task(container("a"), family="my app"), "family", "up to 255 letters, digits, _ and -"),
+        (task(container("a"), family="x" * 256), "family", "up to 255 letters, digits, _ and -"),
         (task(container("a", essential=False), container("b", essential=False)), "containerDefinitions",
          "at least one container must be essential"),
         (task(container("a"), container("a")), "containerDefinitions[1].name", "'a' is used twice"),
