@@ -2854,12 +2854,16 @@ def given_environment(container: dict, options: RunOptions) -> dict[str, str]:
 def container_environment(container: dict, identity: TaskIdentity, options: RunOptions, endpoint_id: str,
                           credentials_id: str | None) -> list[str]:
     """The agent's variables, then the given ones; the region variables unless the given ones set
-    either (the runner also leaves them out for an image that sets either: without_agent_region)."""
+    either (the runner also leaves them out for an image that sets either: without_agent_region).
+    The credentials and endpoint URIs replace given values, as the agent sets them over the task
+    definition's environment (task.go initializeCredentialsEndpoint, container.go Inject*)."""
     given = given_environment(container, options)
-    env = agent_environment(identity, endpoint_id, credentials_id)
+    agent = agent_environment(identity, endpoint_id, credentials_id)
+    env = dict(agent)
     if not REGION_VARIABLES & set(given):
         env.update(dict.fromkeys(sorted(REGION_VARIABLES), identity.region))
     env.update(given)
+    env.update({name: value for name, value in agent.items() if name != "AWS_EXECUTION_ENV"})
     return [f"{name}={value}" for name, value in env.items()]
 
 

@@ -545,7 +545,6 @@ class TestEnvironment:
     @pytest.mark.parametrize("variable", ["AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "ECS_CONTAINER_METADATA_URI",
                                           "ECS_CONTAINER_METADATA_URI_V4", "ECS_AGENT_URI"])
     @pytest.mark.parametrize("where", ["environment", "env_file"])
-    @pytest.mark.xfail(strict=True, reason="container_environment lets given variables replace the agent's")
     def test_agent_variables_win_over_given_ones(self, variable, where):
         definition = copy.deepcopy(AWSVPC)
         if where == "environment":
