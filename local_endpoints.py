@@ -2608,6 +2608,12 @@ def validate_task_definition(definition: dict) -> None:
     if not any(c.get("essential", True) for c in containers):
         raise TaskDefinitionError("containerDefinitions", "at least one container must be essential")
     volumes = {v.get("name") for v in definition.get("volumes") or []}
+    for key, parse, form in (("cpu", task_cpu_vcpu, 'CPU units or vCPU, like "256" or "1 vCPU"'),
+                             ("memory", task_memory_mib, 'MiB or GB, like "512" or "1 GB"')):
+        try:
+            parse(definition.get(key))
+        except ValueError:
+            raise TaskDefinitionError(key, f"{definition[key]!r} is not {form}") from None
     task_memory = task_memory_mib(definition.get("memory"))
     for index, container in enumerate(containers):
         where = f"containerDefinitions[{index}]"

@@ -268,6 +268,8 @@ class TestValidation:
          "containerDefinitions[0].extraHosts", "not supported in awsvpc network mode"),
         (task(container("a", memory=128, memoryReservation=256)), "containerDefinitions[0].memoryReservation",
          "256 MiB is more than the container's memory (128 MiB)"),
+        (task(container("a"), cpu="2 vCPUs"), "cpu", "'2 vCPUs' is not CPU units or vCPU"),
+        (task(container("a"), memory="lots"), "memory", "'lots' is not MiB or GB"),
         (task(container("a", memory=2048), memory="1 GB"), "containerDefinitions[0].memory",
          "2048 MiB is more than the task's memory (1024 MiB)"),
         (task(container("a", mountPoints=[{"sourceVolume": "data", "containerPath": "/d"}]),
@@ -1175,6 +1177,7 @@ class TestRunCommandRefuses:
         ({"taskDefinition": task(container("a", hostname="h"), networkMode="awsvpc")},
          "containerDefinitions[0].hostname"),
         (task(container("a", essential=False)), "containerDefinitions"),
+        (task(container("a", memory=10), memory="lots"), "memory"),
     ])
     def test_invalid_task_definition_exits_2_naming_the_field(self, tmp_path, definition, field):
         path = tmp_path / "td.json"
