@@ -21,7 +21,8 @@ Each round measures, on the same engine:
   (d) `docker-compose down -v` started -> its exit (containers, network, volume removed;
       checked the same way).
 
-Rounds alternate which side goes first. Medians, and the ratios run / compose.
+Before each down phase (outside its time) the app's output is checked for the server's page,
+so each side's app did reach the server on localhost. Rounds alternate which side goes first. Medians, and the ratios run / compose.
 The health check's interval (5 s, the ECS minimum) bounds (a) and (c) alike.
 
 Needs root (`run` enters network namespaces) and Debian's docker-compose (installed when
@@ -49,7 +50,7 @@ from pathlib import Path
 import benchlib
 from benchlib import REPO_ROOT, docker_session
 
-from testlib import SERVER_SCRIPT, SESSION_ID, TEST_LABEL, apt_install, free_port, server_env
+from testlib import SERVER_SCRIPT, SESSION_ID, TEST_LABEL, apt_install, free_port, server_env, wait_for
 
 PAUSE_TAG = "local-endpoints-test/bench-pause:latest"
 STOP_TIMEOUT = 2                 # seconds; both sides stop on SIGTERM at once (init processes)
@@ -170,7 +171,13 @@ class RunSide:
                     running.set()
                 err.write(line)
 
+    def served(self) -> bool:
+        """The app fetched the server's page on localhost (its output, relayed on run's stdout)."""
+        return "app | ready" in (self.workdir / "run.log").read_text()
+
     def down(self) -> float:
+        if not wait_for(self.served, 10):
+            raise RuntimeError("run's app did not print the server's page")
         started = time.monotonic()
         self.proc.send_signal(signal.SIGINT)
         code = self.proc.wait(PHASE_TIMEOUT)
@@ -229,7 +236,14 @@ class ComposeSide:
             time.sleep(0.02)
         raise RuntimeError("the compose project was not up in time")
 
+    def served(self) -> bool:
+        app = self.engine.cli("ps", "-aq", "--filter", f"label=com.docker.compose.project={self.project}",
+                              "--filter", "label=com.docker.compose.service=app").stdout.split()
+        return bool(app) and "ready" in self.engine.cli("logs", app[0]).stdout
+
     def down(self) -> float:
+        if not wait_for(self.served, 10):
+            raise RuntimeError("compose's app did not print the server's page")
         started = time.monotonic()
         self._compose("down", "-v")
         elapsed = time.monotonic() - started
