@@ -3176,8 +3176,13 @@ def run_container_metadata(container: dict, planned: PlannedContainer, desired: 
     doc = container_metadata(container, version, identity, health_since)
     doc["Name"] = planned.name
     doc["DesiredStatus"] = desired
-    if planned.is_holder:
+    if planned.is_holder:   # the agent's pause container: steady state RESOURCES_PROVISIONED, no limits
         doc["Type"] = "CNI_PAUSE"
+        doc["Limits"] = {"CPU": 0, "Memory": 0}
+        if desired == "RUNNING":
+            doc["DesiredStatus"] = "RESOURCES_PROVISIONED"
+        if doc["KnownStatus"] == "RUNNING":
+            doc["KnownStatus"] = "RESOURCES_PROVISIONED"
     log_configuration = planned.definition.get("logConfiguration") or {}
     if version >= 4 and log_configuration.get("logDriver"):
         doc["LogDriver"] = log_configuration["logDriver"]

@@ -1004,6 +1004,18 @@ class TestRunContainerMetadata:
         doc = le.run_container_metadata(pause.inspect, pause.planned, "RUNNING", 4, run.plan.identity, None)
         assert doc["Name"] == "~internal~ecs~pause"
         assert doc["Type"] == "CNI_PAUSE"
+        # The agent's pause container, as ECS's documentation shows it (task metadata v3 examples).
+        assert (doc["DesiredStatus"], doc["KnownStatus"]) == ("RESOURCES_PROVISIONED", "RESOURCES_PROVISIONED")
+        assert doc["Limits"] == {"CPU": 0, "Memory": 0}
+
+    def test_pause_when_the_task_stops(self):
+        run = started_task(AWSVPC)
+        pause = run.by_name("~internal~ecs~pause")
+        doc = le.run_container_metadata(pause.inspect, pause.planned, "STOPPED", 4, run.plan.identity, None)
+        assert (doc["DesiredStatus"], doc["KnownStatus"]) == ("STOPPED", "RESOURCES_PROVISIONED")
+        stopped = inspect_of(pause.planned, "exited")
+        doc = le.run_container_metadata(stopped, pause.planned, "STOPPED", 4, run.plan.identity, None)
+        assert (doc["DesiredStatus"], doc["KnownStatus"]) == ("STOPPED", "STOPPED")
 
     def test_log_driver_from_the_task_definition_at_v4_only(self):
         definition = copy.deepcopy(AWSVPC)
