@@ -4256,6 +4256,7 @@ class TaskRunner:
         self.host_address_added = False
         self.log_threads: list[threading.Thread] = []
         self._print = threading.Lock()
+        self._refreshing = threading.Lock()
         self._said_running = False
 
     # -- output ----------------------------------------------------------------
@@ -4349,6 +4350,10 @@ class TaskRunner:
             log.debug("event stream ended: %s", exc.message)
 
     def refresh(self, docker_name: str) -> None:
+        with self._refreshing:   # the event thread and the runner refresh alike: each change is told once
+            self._refresh(docker_name)
+
+    def _refresh(self, docker_name: str) -> None:
         run = self.task.containers[docker_name]
         before = (run.known, run.health())
         try:
