@@ -2624,6 +2624,8 @@ def validate_task_definition(definition: dict) -> None:
 def validate_container(container: dict, where: str, mode: str, by_name: dict[str, dict], volumes: set,
                        task_memory: int | None) -> None:
     name = container["name"]
+    if mode == "none" and container.get("portMappings"):
+        raise TaskDefinitionError(f"{where}.portMappings", "port mappings cannot be specified in none network mode")
     for index, mapping in enumerate(container.get("portMappings") or []):
         host_port = mapping.get("hostPort")
         if mode in ("awsvpc", "host") and host_port not in (None, 0, mapping.get("containerPort")):

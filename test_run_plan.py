@@ -236,6 +236,8 @@ class TestValidation:
         (task(container("a", portMappings=[{"containerPort": 80}, {"containerPort": 81, "hostPort": 82}]),
               networkMode="host"),
          "containerDefinitions[0].portMappings[1].hostPort", "in host network mode"),
+        (task(container("a"), container("b", portMappings=[{"containerPort": 80}]), networkMode="none"),
+         "containerDefinitions[1].portMappings", "cannot be specified in none network mode"),
         (task(container("a", dependsOn=dep("nobody"))), "containerDefinitions[0].dependsOn[0].containerName",
          "no container named 'nobody'"),
         (task(container("a", dependsOn=dep("a"))), "containerDefinitions[0].dependsOn[0].containerName",
