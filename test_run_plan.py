@@ -403,8 +403,7 @@ class TestAwsvpcPlan:
         assert [c.endpoint_id for c in made.containers] == [uuid_n(3), uuid_n(4), uuid_n(5)]
         assert [c.depends_on for c in made.containers] == [{}, {"init": "SUCCESS"}, {"web": "HEALTHY"}]
         assert [c.essential for c in made.containers] == [False, True, True]
-        assert made.container("web").definition is AWSVPC["containerDefinitions"][1] or \
-            made.container("web").definition == AWSVPC["containerDefinitions"][1]
+        assert made.container("web").definition == AWSVPC["containerDefinitions"][1]
 
 
 class TestBridgePlan:
