@@ -2550,8 +2550,9 @@ def agent_name(name: str) -> str:
 
 
 def docker_name(family: str, revision: str, name: str, suffix: str) -> str:
-    """The agent's Docker name: ecs-{family}-{revision}-{name}-{20 hex digits}."""
-    return f"ecs-{agent_name(family)}-{revision}-{agent_name(name)}-{suffix}"
+    """The agent's Docker name: ecs-{family}-{revision}-{name}-{20 hex digits}; only the
+    container's name is stripped (a family's letters, digits, _ and - are valid in Docker names)."""
+    return f"ecs-{family}-{revision}-{agent_name(name)}-{suffix}"
 
 
 def dependency_order(containers: list[dict]) -> list[str]:
@@ -2594,8 +2595,9 @@ def validate_task_definition(definition: dict) -> None:
     containers = definition.get("containerDefinitions")
     if not isinstance(containers, list) or not containers:
         raise TaskDefinitionError("containerDefinitions", "a task definition needs at least one container")
-    if not definition.get("family"):
-        raise TaskDefinitionError("family", "a task definition needs a family")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", str(definition.get("family") or "")):
+        raise TaskDefinitionError("family", "a task definition needs a family of up to 255 letters, digits, "
+                                            "_ and -")
     by_name: dict[str, dict] = {}
     for index, container in enumerate(containers):
         where = f"containerDefinitions[{index}]"
@@ -2609,6 +2611,12 @@ def validate_task_definition(definition: dict) -> None:
     if not any(c.get("essential", True) for c in containers):
         raise TaskDefinitionError("containerDefinitions", "at least one container must be essential")
     volumes = {v.get("name") for v in definition.get("volumes") or []}
+    for key, parse, form in (("cpu", task_cpu_vcpu, 'CPU units or vCPU, like "256" or "1 vCPU"'),
+                             ("memory", task_memory_mib, 'MiB or GB, like "512" or "1 GB"')):
+        try:
+            parse(definition.get(key))
+        except ValueError:
+            raise TaskDefinitionError(key, f"{definition[key]!r} is not {form}") from None
     task_memory = task_memory_mib(definition.get("memory"))
     fargate = "FARGATE" in (definition.get("requiresCompatibilities") or ())
     for index, container in enumerate(containers):
@@ -2623,6 +2631,8 @@ def validate_task_definition(definition: dict) -> None:
 def validate_container(container: dict, where: str, mode: str, by_name: dict[str, dict], volumes: set,
                        task_memory: int | None) -> None:
     name = container["name"]
+    if mode == "none" and container.get("portMappings"):
+        raise TaskDefinitionError(f"{where}.portMappings", "port mappings cannot be specified in none network mode")
     for index, mapping in enumerate(container.get("portMappings") or []):
         host_port = mapping.get("hostPort")
         if mode in ("awsvpc", "host") and host_port not in (None, 0, mapping.get("containerPort")):
@@ -2859,12 +2869,16 @@ def given_environment(container: dict, options: RunOptions) -> dict[str, str]:
 def container_environment(container: dict, identity: TaskIdentity, options: RunOptions, endpoint_id: str,
                           credentials_id: str | None) -> list[str]:
     """The agent's variables, then the given ones; the region variables unless the given ones set
-    either (the runner also leaves them out for an image that sets either: without_agent_region)."""
+    either (the runner also leaves them out for an image that sets either: without_agent_region).
+    The credentials and endpoint URIs replace given values, as the agent sets them over the task
+    definition's environment (task.go initializeCredentialsEndpoint, container.go Inject*)."""
     given = given_environment(container, options)
-    env = agent_environment(identity, endpoint_id, credentials_id)
+    agent = agent_environment(identity, endpoint_id, credentials_id)
+    env = dict(agent)
     if not REGION_VARIABLES & set(given):
         env.update(dict.fromkeys(sorted(REGION_VARIABLES), identity.region))
     env.update(given)
+    env.update({name: value for name, value in agent.items() if name != "AWS_EXECUTION_ENV"})
     return [f"{name}={value}" for name, value in env.items()]
 
 
@@ -3171,8 +3185,13 @@ def run_container_metadata(container: dict, planned: PlannedContainer, desired: 
     doc = container_metadata(container, version, identity, health_since)
     doc["Name"] = planned.name
     doc["DesiredStatus"] = desired
-    if planned.is_holder:
+    if planned.is_holder:   # the agent's pause container: steady state RESOURCES_PROVISIONED, no limits
         doc["Type"] = "CNI_PAUSE"
+        doc["Limits"] = {"CPU": 0, "Memory": 0}
+        if desired == "RUNNING":
+            doc["DesiredStatus"] = "RESOURCES_PROVISIONED"
+        if doc["KnownStatus"] == "RUNNING":
+            doc["KnownStatus"] = "RESOURCES_PROVISIONED"
     log_configuration = planned.definition.get("logConfiguration") or {}
     if version >= 4 and log_configuration.get("logDriver"):
         doc["LogDriver"] = log_configuration["logDriver"]
