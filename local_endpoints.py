@@ -215,7 +215,7 @@ def mfa_session_duration(text: str) -> float:
 class Setting:
     """One environment variable: the only definition of its default, parser and meaning.
 
-    load_config(), --help, the command-line flags and the README's settings table are all
+    load_config(), --help, the command-line flags and the settings table of docs/settings.md are all
     made from SETTINGS.
     """
     name: str
@@ -331,7 +331,7 @@ SETTINGS: tuple[Setting, ...] = (
             "let IMDS callers in without a session token (IMDSv1)"),
     Setting("ECS_LOCAL_STATS", "stats", "eager", choice("EAGER", "ON-DEMAND"),
             "eager: collect every running container's stats from its start, so the first stats request "
-            "answers at once (costs per container: see README, Performance); on-demand: from the first "
+            "answers at once (costs per container: see docs/performance.md); on-demand: from the first "
             "request for it"),
 )
 
@@ -387,7 +387,7 @@ def settings_help() -> str:
 
 
 def settings_table() -> str:
-    """The README's settings table (a test keeps the two equal)."""
+    """The settings table of docs/settings.md (a test keeps the two equal)."""
     rows = ["| Environment variable | Flag | Default | Meaning | Compatibility |", "|---|---|---|---|---|"]
     for s in SETTINGS:
         default = s.shown_default or (f"`{s.default}`" if s.default else "")
