@@ -11,8 +11,9 @@ Debian's pipx), as a non-root user, on a ``git clone`` of this working tree:
   importing boto3), the wheel installed in another fresh one, its
   ``local-endpoints --help`` and ``--version``; ``local-endpoints run --help``
   too when the module has the ``run`` subcommand (``run_main``);
-- the README's two commands that start the server from the clone, then
-  ``/health`` asked through ``--health-check``.
+- the README's two commands that start the server from the clone, and its
+  ``local-endpoints --port 8080``, each asked for ``/health`` through
+  ``--health-check``.
 
 Timing on the 2-core machine: the image ~90 s once (kept on the tests' own
 engine), the commands ~2 min.
@@ -36,6 +37,7 @@ README = REPO_ROOT / "README.md"
 INSTALL_COMMAND = "pipx install ."
 RUN_SETUP_COMMAND = "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt"
 RUN_COMMAND = ".venv/bin/python local_endpoints.py --port 8080"
+COMMAND_ON_PATH = "local-endpoints --port 8080"
 DEBIAN_PIPX_IMAGE = "local-endpoints-test/debian12-pipx:1"   # bump when the recipe changes
 
 
@@ -77,7 +79,7 @@ def test_build_output_is_ignored_by_git():
 
 def test_readme_gives_the_install_and_start_commands():
     readme = README.read_text()
-    for command in (INSTALL_COMMAND, RUN_SETUP_COMMAND, RUN_COMMAND):
+    for command in (INSTALL_COMMAND, COMMAND_ON_PATH, RUN_SETUP_COMMAND, RUN_COMMAND):
         assert command in readme, command
 
 
@@ -110,10 +112,10 @@ def test_install_and_start_commands_on_stock_debian_12(docker_engine, tmp_path, 
         # The README's start commands, from the clone.
         RUN_SETUP_COMMAND + " -q",
         RUN_COMMAND + " & server=$!",
-        health.format(*[".venv/bin/python local_endpoints.py --port 8080"] * 2),
+        health.format(*[RUN_COMMAND] * 2),
         "kill $server; wait $server || true",
-        "local-endpoints --port 8081 & server=$!",
-        health.format(*["local-endpoints --port 8081"] * 2),
+        COMMAND_ON_PATH + " & server=$!",
+        health.format(*[COMMAND_ON_PATH] * 2),
         "kill $server; wait $server || true",
         "echo ALL-DONE",
     ])
