@@ -315,7 +315,7 @@ SETTINGS: tuple[Setting, ...] = (
             "file holding that token; re-read when it changes, so a rotated token needs no restart"),
     Setting("ECS_LOCAL_ALLOWED_ROLES", "allowed_roles", "", allowed_roles,
             "comma-separated role names, role ARNs and `*` globs on ARNs (`arn:aws:iam::123456789012:role/team-*`) "
-            "that /role and /role-arn may hand out; see Security", shown_default="any role"),
+            "that /role and /role-arn may hand out; see docs/security.md", shown_default="any role"),
     Setting("ECS_LOCAL_MFA_SESSION_DURATION", "mfa_session_duration", "12h", mfa_session_duration,
             "how long the MFA code typed at start-up lasts, for a profile with mfa_serial (15m to 36h)"),
     Setting("ECS_LOCAL_AUDIT_LOG", "audit_log", "", str,
