@@ -1,4 +1,6 @@
-"""The README and the pages in docs/: every page linked from the README, no broken link.
+"""The README and the pages in docs/: a short landing page, every page linked from it, no broken link.
+
+The README stays a landing page (at most 12 KB); the reference is in docs/.
 
 Links are Markdown's ``[text](target)`` outside code (fenced blocks and inline
 code spans). A relative target must name a file or folder of the repository;
@@ -48,6 +50,11 @@ def anchors(page: Path) -> set[str]:
 
 def links(page: Path) -> list[str]:
     return LINK.findall(prose(page.read_text()))
+
+
+def test_readme_is_a_landing_page():
+    size = len(README.read_bytes())
+    assert size <= 12 * 1024, f"README.md is {size} bytes: move reference material to a page in docs/"
 
 
 def test_the_anchor_rule_matches_githubs():
