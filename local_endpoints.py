@@ -217,7 +217,7 @@ def mfa_session_duration(text: str) -> float:
 class Setting:
     """One environment variable: the only definition of its default, parser and meaning.
 
-    load_config(), --help, the command-line flags and the README's settings table are all
+    load_config(), --help, the command-line flags and the settings table of docs/settings.md are all
     made from SETTINGS.
     """
     name: str
@@ -317,7 +317,7 @@ SETTINGS: tuple[Setting, ...] = (
             "file holding that token; re-read when it changes, so a rotated token needs no restart"),
     Setting("ECS_LOCAL_ALLOWED_ROLES", "allowed_roles", "", allowed_roles,
             "comma-separated role names, role ARNs and `*` globs on ARNs (`arn:aws:iam::123456789012:role/team-*`) "
-            "that /role and /role-arn may hand out; see Security", shown_default="any role"),
+            "that /role and /role-arn may hand out; see docs/security.md", shown_default="any role"),
     Setting("ECS_LOCAL_MFA_SESSION_DURATION", "mfa_session_duration", "12h", mfa_session_duration,
             "how long the MFA code typed at start-up lasts, for a profile with mfa_serial (15m to 36h)"),
     Setting("ECS_LOCAL_AUDIT_LOG", "audit_log", "", str,
@@ -333,7 +333,7 @@ SETTINGS: tuple[Setting, ...] = (
             "let IMDS callers in without a session token (IMDSv1)"),
     Setting("ECS_LOCAL_STATS", "stats", "eager", choice("EAGER", "ON-DEMAND"),
             "eager: collect every running container's stats from its start, so the first stats request "
-            "answers at once (costs per container: see README, Performance); on-demand: from the first "
+            "answers at once (costs per container: see docs/performance.md); on-demand: from the first "
             "request for it"),
 )
 
@@ -389,7 +389,7 @@ def settings_help() -> str:
 
 
 def settings_table() -> str:
-    """The README's settings table (a test keeps the two equal)."""
+    """The settings table of docs/settings.md (a test keeps the two equal)."""
     rows = ["| Environment variable | Flag | Default | Meaning | Compatibility |", "|---|---|---|---|---|"]
     for s in SETTINGS:
         default = s.shown_default or (f"`{s.default}`" if s.default else "")
