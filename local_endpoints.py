@@ -702,8 +702,16 @@ class DockerClient:
         """
         session = self._new_session()
         path = f"/containers/{quote(container_id, safe='')}/logs"
-        response = self._call(session, self._url(path), {"follow": "1", "stdout": "1", "stderr": "1"},
-                              stream=True, read_timeout=None)
+        try:
+            response = self._call(session, self._url(path), {"follow": "1", "stdout": "1", "stderr": "1"},
+                                  stream=True, read_timeout=None)
+        except BaseException:
+            session.close()
+            raise
+        return self._frames(session, response, tty, container_id)
+
+    def _frames(self, session: requests.Session, response: requests.Response, tty: bool, container_id: str
+                ) -> Iterator[tuple[int, bytes]]:
         try:
             raw = response.raw
             while True:
@@ -2992,6 +3000,7 @@ CLONE_NEWNET = 0x40000000
 SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFADDR, SIOCSIFNETMASK = 0x8913, 0x8914, 0x8916, 0x891C
 ENDPOINTS_ALIAS = b"lo:ecs"              # the loopback alias that carries the endpoints' address
 DEPENDENCY_EXIT_CODE = 143               # the agent's exit code for a container whose dependency failed
+LOG_DRAIN_SECONDS = 30                   # how long a stopped container's last output may take to arrive
 
 
 def interface_request(name: bytes, address: str | None = None, flags: int = 0) -> bytes:
@@ -4256,6 +4265,15 @@ def dependency_verdict(condition: str, dependency: ContainerRun, now: datetime) 
     return "wait", ""
 
 
+def in_parallel(work: Callable[[Any], Any], items: list) -> None:
+    """work(item) for every item, each on a thread of its own; back when all are done."""
+    threads = [threading.Thread(target=work, args=(item,)) for item in items]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 class TaskRunner:
     """`run TASKDEF`: the task's containers created, started in dependency order, watched, and
     stopped and removed as the ECS agent does; the endpoints served in each network namespace
@@ -4288,7 +4306,12 @@ class TaskRunner:
     def relay(self, name: str, run: ContainerRun, tty: bool) -> None:
         """A container's output, line by line on stdout, each prefixed with its name."""
         pending = {1: b"", 2: b""}
-        for stream, chunk in self.docker.logs(run.docker_id, tty):
+        try:
+            frames = self.docker.logs(run.docker_id, tty)
+        except (ApiError, LookupError) as exc:
+            self.say(f"{name}: its output cannot be read: {exc}")
+            return
+        for stream, chunk in frames:
             lines = (pending.get(stream, b"") + chunk).split(b"\n")
             pending[stream] = lines.pop()
             with self._print:
@@ -4468,7 +4491,7 @@ class TaskRunner:
         self.host_address_added |= pid is None and added
         server = EndpointsServer((ENDPOINTS_ADDRESS, 80), self.endpoints, self.endpoints.config.max_connections,
                                  listening=listening, namespace=served)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http-task",
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="http-task",
                          daemon=True).start()
         self.servers.append(server)
 
@@ -4536,41 +4559,34 @@ class TaskRunner:
                    if self.task.containers[c.docker_name].known in ("RUNNING", "CREATED")}
         while running:
             wave = [name for name in running if not dependents[name] & running]
-            threads = [threading.Thread(target=self.stop_one, args=(self.plan.container(name),)) for name in wave]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            in_parallel(self.stop_one, [self.plan.container(name) for name in wave])
             running -= set(wave)
-        for holder in self.plan.holders:
-            if self.task.containers[holder.docker_name].docker_id:
-                self.stop_one(holder, timeout=0)
 
-    def stop_one(self, planned: PlannedContainer, timeout: int | None = None) -> None:
+    def stop_one(self, planned: PlannedContainer) -> None:
         if self.task.containers[planned.docker_name].known == "STOPPED":
             return
         with contextlib.suppress(ApiError, LookupError):
-            self.docker.stop(planned.docker_name, 0 if self.hurry.is_set() else
-                             planned.stop_timeout if timeout is None else timeout)
+            self.docker.stop(planned.docker_name, 0 if self.hurry.is_set() else planned.stop_timeout)
         self.refresh(planned.docker_name)
 
     def remove_everything(self) -> None:
         """Every container, holder and task-scoped volume the task created, and the endpoints'
         listeners: nothing is left behind, whatever stopped the task."""
-        for thread in self.log_threads:
-            thread.join(timeout=2)
-        for server in self.servers:
-            server.shutdown()
-            server.server_close()
+        for thread in self.log_threads:   # every container has stopped: its output ends
+            thread.join(timeout=LOG_DRAIN_SECONDS)
+        in_parallel(lambda server: (server.shutdown(), server.server_close()), self.servers)
         if self.host_address_added:
             with contextlib.suppress(OSError):
                 remove_endpoints_address()
-        for planned in (*reversed(self.plan.containers), *self.plan.holders):
-            with contextlib.suppress(ApiError, LookupError):
-                self.docker.remove(planned.docker_name)
+        in_parallel(self.remove_one, [c.docker_name for c in self.plan.containers])
+        in_parallel(self.remove_one, [h.docker_name for h in self.plan.holders])   # killed as they go
         for name, _ in self.plan.volumes:
             with contextlib.suppress(ApiError, LookupError):
                 self.docker.remove_volume(name)
+
+    def remove_one(self, docker_name: str) -> None:
+        with contextlib.suppress(ApiError, LookupError):
+            self.docker.remove(docker_name)
 
 
 # ---------------------------------------------------------------------------
