@@ -3387,9 +3387,11 @@ class TaskRun:
         return [c for c in self.containers.values() if c.inspect is not None and (
             not c.planned.is_holder or (c.planned.name == PAUSE_NAME and self.plan.identity.launch_type != "FARGATE"))]
 
-    def locate(self, identifier: str | None, namespace: frozenset[str]) -> tuple[Snapshot, dict]:
+    def locate(self, identifier: str | None, namespace: frozenset[str], whole_task: bool = False
+               ) -> tuple[Snapshot, dict]:
         """The container a request names (its V3EndpointID, or as the server matches names) or,
-        without one, the one container of the namespace the request came from."""
+        without one, the one container of the namespace the request came from (any of them when
+        the request is about the whole task)."""
         snapshot = self.snapshot
         if identifier in self.by_endpoint:
             found = [self.containers[self.by_endpoint[identifier]]]
@@ -3398,7 +3400,7 @@ class TaskRun:
             found = [c for c in self.visible() if c.docker_id in ids]
         else:
             found = [c for c in self.visible() if c.planned.name in namespace]
-        found = [c for c in found if c.docker_id in snapshot.containers]
+        found = [c for c in found if c.docker_id in snapshot.containers][:1 if whole_task else None]
         if len(found) != 1:
             raise ApiError(404, "ContainerNotFound" if not found else "AmbiguousContainer",
                            f"no container of task {self.plan.identity.task_id} matches {identifier!r}" if identifier
@@ -3834,14 +3836,15 @@ class Endpoints:
             snapshot.memo[key] = (found, own_id)
         return snapshot.memo[key]
 
-    def _locate(self, request: Request) -> tuple[Snapshot, dict, str | None]:
+    def _locate(self, request: Request, whole_task: bool = False) -> tuple[Snapshot, dict, str | None]:
         """The snapshot, the container a request is about, and the server's own container ID.
 
         A lookup that finds nothing looks again at a fresh snapshot: a container that
         has just started may ask before Docker's start event has reached the view.
+        whole_task: the request is about the caller's task, so any of its containers will do.
         """
         if self.task_run is not None:
-            return (*self.task_run.locate(request.params.get("ident"), request.namespace), None)
+            return (*self.task_run.locate(request.params.get("ident"), request.namespace, whole_task), None)
         snapshot = self.view.snapshot()
         found, own_id = self._match(snapshot, request)
         if not found:
@@ -3898,7 +3901,7 @@ class Endpoints:
 
     def _task(self, request: Request, with_tags: bool) -> bytes:
         version = request.params["version"]
-        snapshot, caller, own_id = self._locate(request)
+        snapshot, caller, own_id = self._locate(request, whole_task=True)
 
         def build() -> dict:
             task = self._task_identity(caller)
@@ -3931,7 +3934,7 @@ class Endpoints:
     def task_stats(self, request: Request) -> dict:
         """Full Docker ID -> stats for the task's containers; null (v2/v3) or {} (v4) when unavailable."""
         version = request.params["version"]
-        snapshot, caller, own_id = self._locate(request)
+        snapshot, caller, own_id = self._locate(request, whole_task=True)
         members = self._members(snapshot, caller, own_id)
         samples = self.stats.samples([c["Id"] for c in members if c["State"].get("Running")])
         empty = {} if version >= 4 else None
@@ -3944,7 +3947,7 @@ class Endpoints:
     def _protected_task(self, request: Request) -> str:
         """The ARN of the task the request names (or comes from), else the agent's error."""
         try:
-            _, caller, _ = self._locate(request)
+            _, caller, _ = self._locate(request, whole_task=True)
         except ApiError as exc:
             status, code = (404, "ResourceNotFoundException") if exc.status == 404 else (500, "ServerException")
             raise TaskProtectionError(status, code, f"{TASK_NOT_FOUND}: {exc.message}") from None
