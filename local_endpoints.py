@@ -4600,38 +4600,32 @@ class TaskRunner:
             raise TaskStopping("Task stopped by user", self.signal_exit)
 
     def check_role(self) -> None:
-        """The task role, assumed once before anything starts: a role the developer cannot assume
-        stops the task here, with the trust policy that would let them."""
+        """The task role, assumed once before anything starts."""
         role = self.plan.definition.get("taskRoleArn")
-        if not role:
-            return
-        try:
-            self.endpoints.vendor.role_arn(role)
-        except ApiError as exc:
-            caller = None
-            with contextlib.suppress(Exception):
-                caller = self.endpoints.identity.get_caller_identity()["Arn"]
-            advice = f"\n{trust_policy_advice(role, caller)}" if exc.code == "AccessDenied" else ""
-            self.say(f"cannot assume the task role: {exc.message}{advice}")
-            raise TaskStopping(f"CannotAssumeTaskRole: {exc.message}", 1) from None
-        self.say(f"task role {role}: credentials at /v2/credentials/<id>")
+        if role:
+            self.assume(role, "task role", "CannotAssumeTaskRole")
+            self.say(f"task role {role}: credentials at /v2/credentials/<id>")
 
     def check_execution_role(self) -> None:
         """The execution role, assumed before anything is fetched with it, as the agent has it."""
         role = self.plan.definition.get("executionRoleArn")
-        if not role or self.own_identity:
-            return
+        if role and not self.own_identity:
+            self.fetch_credentials = self.assume(role, "execution role", "CannotAssumeExecutionRole",
+                                                 "\n(--own-identity fetches with your identity instead)")
+            self.say(f"execution role {role}: secrets, environment files and registry credentials fetched with it")
+
+    def assume(self, role: str, what: str, reason: str, hint: str = "") -> Credentials:
+        """A role the developer's identity assumes for the task; one it cannot stops the task
+        before anything starts, with the trust policy statement that would let it."""
         try:
-            self.fetch_credentials = self.endpoints.vendor.role_arn(role).credentials
+            return self.endpoints.vendor.role_arn(role).credentials
         except ApiError as exc:
             caller = None
             with contextlib.suppress(Exception):
                 caller = self.endpoints.identity.get_caller_identity()["Arn"]
             advice = f"\n{trust_policy_advice(role, caller)}" if exc.code == "AccessDenied" else ""
-            self.say(f"cannot assume the execution role: {exc.message}{advice}\n(--own-identity fetches "
-                     "with your identity instead)")
-            raise TaskStopping(f"CannotAssumeExecutionRole: {exc.message}", 1) from None
-        self.say(f"execution role {role}: secrets, environment files and registry credentials fetched with it")
+            self.say(f"cannot assume the {what}: {exc.message}{advice}{hint}")
+            raise TaskStopping(f"{reason}: {exc.message}", 1) from None
 
     def fetcher(self) -> str:
         role = self.plan.definition.get("executionRoleArn")
