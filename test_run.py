@@ -16,6 +16,8 @@ import re
 import signal
 import socket
 
+from pathlib import Path
+
 import pytest
 
 from testlib import SESSION_ID, RefusingAws, app_waits_for, console_script, get_in_task, in_task
@@ -322,3 +324,16 @@ def test_a_task_definition_read_from_ecs_with_its_tags(run_task, task_moto, busy
     assert document["TaskTags"] == {"owner": "team-a", "env": "local"}
     assert not task.left_behind()
 
+
+
+def test_the_example_task_definition_runs(run_task):
+    """examples/taskdef.json, which the README runs, with the test image for busybox:1.36."""
+    definition = json.loads((Path(__file__).parent / "examples" / "taskdef.json").read_text())
+    for container in definition["containerDefinitions"]:
+        assert container["image"] == "busybox:1.36"
+        container["image"] = "busybox"
+    task = run_task(definition)
+    assert task.finish() == 0, task.stderr
+    assert "app | hello from the init container" in task.stdout
+    assert '"Family": "le-run-' in task.stdout.split("app | ", 2)[2]
+    assert not task.left_behind()
