@@ -15,7 +15,6 @@ import json
 import re
 import signal
 import socket
-
 from pathlib import Path
 
 import pytest
