@@ -20,12 +20,13 @@ method of ``Endpoints``.  Every outbound call is a named method of one of two
 classes: ``DockerClient`` (version, containers, inspect, networks, events,
 stats: the Docker Engine API over its socket) and ``AwsIdentity`` (boto3's
 credential chain; get_session_token, get_caller_identity, get_role, assume_role
-on STS and IAM).  Routes that hand out credentials or change state are marked
-``guarded`` in the table; ``CallerPolicy`` decides who may call them,
-``RoleAllowlist`` which roles may be handed out, and ``AuditTrail`` records every
-answer of the credentials routes (marked ``audited``).  The IMDS routes hand them
-out too but are not marked, since SDKs send IMDS no Authorization header:
-``Endpoints._imds_admit`` applies the allowlist and IMDS's session tokens.  Every
+on STS and IAM).  Each row of ``ROUTES`` also says who may call the route
+(its ``guard``: anyone; an allowed network and the authorization token; IMDS's
+allowed network and session token) and whether every answer is recorded
+(``audited``); ``RequestHandler.answer`` applies both to every request, and no
+handler checks a caller itself.  ``CallerPolicy`` decides which networks and
+token are allowed, ``RoleAllowlist`` which roles may be handed out, and
+``AuditTrail`` writes the records.  Every
 setting is one row of ``SETTINGS``.
 
 Sections, in data-flow order: configuration, Docker client, credentials,
@@ -40,6 +41,7 @@ import copy
 import ctypes
 import email.message
 import email.utils
+import enum
 import errno
 import functools
 import getpass
@@ -2516,6 +2518,16 @@ def stats_document(sample: tuple[dict, dict | None], version: int) -> dict:
 # The route table and its handlers
 # ---------------------------------------------------------------------------
 
+class Guard(enum.Enum):
+    """Who may call a route: the guard column of ROUTES, applied by Endpoints.admit() from
+    RequestHandler.answer(), the one dispatch path; no handler checks a caller itself."""
+    OPEN = "anyone"
+    TOKEN = "an allowed network (CallerPolicy) and the authorization token when one is set"
+    IMDS_SESSION = ("IMDS on, an allowed network, and a live IMDSv2 session token (none where "
+                    "ECS_LOCAL_IMDS_V1 allows IMDSv1); SDKs send IMDS no Authorization header")
+    IMDS = "IMDS on and an allowed network: the session token request itself"
+
+
 @dataclass
 class Request:
     params: dict[str, Any]      # the route's parameters, typed (version is an int)
@@ -2527,6 +2539,14 @@ class Request:
     @property
     def authorization(self) -> str | None:
         return self.headers.get("Authorization")
+
+
+@dataclass(frozen=True)
+class Vended:
+    """What an audited route's handler returns: the answer, and the credentials in it for the
+    audit record that RequestHandler.answer() writes."""
+    issued: Issued
+    body: bytes | Response
 
 
 @functools.lru_cache(maxsize=256)
@@ -2572,11 +2592,9 @@ class Endpoints:
         arn = request.params["arn"]
         return self._vend(request, f"/role-arn/{arn}", functools.partial(self.vendor.role_arn, arn))
 
-    def _vend(self, request: Request, route: str, issue: Callable[[], Issued]) -> bytes:
-        """Credentials, recorded in the audit trail (errors are recorded where they are answered)."""
+    def _vend(self, request: Request, route: str, issue: Callable[[], Issued]) -> Vended:
         issued = issue()
-        self.audit.record(request, route, issued)
-        return credentials_body(issued.credentials)
+        return Vended(issued, credentials_body(issued.credentials))
 
     # -- IMDSv2: SDKs' last resort, at AWS_EC2_METADATA_SERVICE_ENDPOINT ------------
 
@@ -2590,9 +2608,16 @@ class Endpoints:
         tokens = "IMDSv1 allowed" if self.config.imds_v1 else "IMDSv2 session tokens required"
         return f"IMDS on at /latest/: {source}, listed as role {self.imds_role_name}; {tokens}"
 
-    def _imds_admit(self, request: Request, session: bool = True) -> None:
-        """IMDS answers only when on, to allowed callers, and but for the token request itself
-        only with a live session token (or none at all where IMDSv1 is allowed)."""
+    def admit(self, guard: Guard, request: Request) -> None:
+        """The route's guard (the ROUTES column), as RequestHandler.answer() applies it to every
+        request before its handler runs: nothing when it passes, else the refusal."""
+        if guard is Guard.OPEN:
+            return
+        if guard is Guard.TOKEN:
+            self.policy.check(request.caller, request.authorization)
+            return
+        # IMDS answers only when on, to allowed callers, and but for the token request itself
+        # only with a live session token (or none at all where IMDSv1 is allowed).
         if not self.imds_on:
             raise ImdsError(404, "NotFound", "the IMDS routes are off: the server has an authorization token, "
                                              "which SDKs do not send to IMDS; ECS_LOCAL_IMDS=ON turns them on")
@@ -2601,14 +2626,13 @@ class Endpoints:
         except ApiError as exc:
             raise ImdsError.of(exc) from None
         token = request.headers.get(IMDS_TOKEN_HEADER)
-        if not session or (token is None and self.config.imds_v1):
+        if guard is Guard.IMDS or (token is None and self.config.imds_v1):
             return
         if not (token and self.imds_tokens.valid(token)):
             raise ImdsError(401, "Unauthorized", f"missing, unknown or expired {IMDS_TOKEN_HEADER}: "
                                                  "PUT /latest/api/token for a new one")
 
     def imds_token(self, request: Request) -> Response:
-        self._imds_admit(request, session=False)
         if "X-Forwarded-For" in request.headers:
             raise ImdsError(403, "Forbidden", "a token request that went through a proxy (X-Forwarded-For) "
                                               "is refused, as on EC2")
@@ -2619,36 +2643,34 @@ class Endpoints:
         return text_response(self.imds_tokens.issue(int(ttl)), {IMDS_TTL_HEADER: str(int(ttl))})
 
     def imds_roles(self, request: Request) -> Response:
-        self._imds_admit(request)
         return text_response(self.imds_role_name)
 
-    def imds_credentials(self, request: Request) -> Response:
-        route, role = f"/latest/meta-data/iam/security-credentials/{request.params['name']}", self.config.imds_role
-        try:
-            self._imds_admit(request)
-            if request.params["name"] != self.imds_role_name:
-                raise ImdsError(404, "NotFound", f"no role {printable(request.params['name'], 100)!r} here; "
-                                                 f"the role is {self.imds_role_name}")
-            vended = self._imds_vend()
-        except ApiError as exc:
-            self.audit.record(request, route, error=exc, role=role or "")
-            raise
-        self.audit.record(request, route, vended)
+    def imds_credentials(self, request: Request) -> Vended:
+        if request.params["listed"] != self.imds_role_name:
+            raise ImdsError(404, "NotFound", f"no role {printable(request.params['listed'], 100)!r} here; "
+                                             f"the role is {self.imds_role_name}")
+        vended = self._imds_vend()
         credentials = vended.credentials.response()
         issued = (credentials["AccessKeyId"], credentials["Expiration"])
         known = self._imds_document
         if known is None or known[0] != issued:
             # Encoded once per set of credentials: LastUpdated is when IMDS first had them, as on EC2.
             known = self._imds_document = (issued, json.dumps(imds_document(credentials)).encode())
-        return Response(known[1], content_type="text/plain")
+        return Vended(vended, Response(known[1], content_type="text/plain"))
+
+    def role_asked(self, request: Request) -> str | None:
+        """The role an audited request asks for, which its audit record names when no credentials
+        were issued: the route's {name} or {arn}; for IMDS, ECS_LOCAL_IMDS_ROLE ({listed} is only
+        the name IMDS lists); None for the server's own identity."""
+        if "listed" in request.params:
+            return self.config.imds_role
+        return request.params.get("arn") or request.params.get("name")
 
     def imds_placement(self, request: Request) -> Response:
-        self._imds_admit(request)
         region = self.identity.region
         return text_response(region if request.params["item"] == "region" else f"{region}a")
 
     def imds_identity_document(self, request: Request) -> Response:
-        self._imds_admit(request)
         region = self.identity.region
         document = {"accountId": self._imds_account_id(), "availabilityZone": f"{region}a", "region": region,
                     "version": "2017-09-30"}
@@ -2657,7 +2679,6 @@ class Endpoints:
     def imds_not_found(self, request: Request) -> Response:
         """Other IMDS paths (such as security-credentials-extended, which newer SDKs try first
         and leave for security-credentials on a 404): EC2's kind of 404, in text."""
-        self._imds_admit(request)
         raise ImdsError(404, "NotFound", "this server answers security-credentials, placement/region and "
                                          "placement/availability-zone under /latest/meta-data/")
 
@@ -2846,9 +2867,9 @@ class Route:
     method: str
     rule: str
     handler: Callable[[Endpoints, Request], Any]
-    guarded: bool                 # hands out credentials: CallerPolicy applies
+    guard: Guard                  # who may call it, checked before the handler runs
     body: bool                    # takes a request body
-    audited: bool                 # a credentials route: AuditTrail records its answers
+    audited: bool                 # hands out credentials: AuditTrail records every answer
     pattern: re.Pattern
     converters: dict[str, Callable[[str], Any]]
 
@@ -2890,15 +2911,15 @@ def compile_rule(rule: str) -> tuple[re.Pattern, dict[str, Callable[[str], Any]]
     return re.compile("".join(pattern), re.DOTALL), converters
 
 
-def route(method: str, rule: str, handler: Callable[[Endpoints, Request], Any], guarded: bool = False,
+def route(method: str, rule: str, handler: Callable[[Endpoints, Request], Any], guard: Guard = Guard.OPEN,
           body: bool = False, audited: bool = False) -> Route:
-    return Route(method, rule, handler, guarded, body, audited, *compile_rule(rule))
+    return Route(method, rule, handler, guard, body, audited, *compile_rule(rule))
 
 
 ROUTES: tuple[Route, ...] = (
-    route("GET", "/creds", Endpoints.creds, guarded=True, audited=True),
-    route("GET", "/role/{name}", Endpoints.role, guarded=True, audited=True),
-    route("GET", "/role-arn/{arn:path}", Endpoints.role_arn, guarded=True, audited=True),
+    route("GET", "/creds", Endpoints.creds, guard=Guard.TOKEN, audited=True),
+    route("GET", "/role/{name}", Endpoints.role, guard=Guard.TOKEN, audited=True),
+    route("GET", "/role-arn/{arn:path}", Endpoints.role_arn, guard=Guard.TOKEN, audited=True),
     route("GET", "/health", Endpoints.health),
     route("GET", "/v{version:2}/metadata", Endpoints.task),
     route("GET", "/v{version:2}/metadataWithTags", Endpoints.task_with_tags),
@@ -2911,17 +2932,20 @@ ROUTES: tuple[Route, ...] = (
     route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/taskWithTags", Endpoints.task_with_tags),
     route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/stats", Endpoints.container_stats),
     route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/task/stats", Endpoints.task_stats),
-    # IMDSv2, for SDKs' default chain: Endpoints._imds_admit applies the caller allowlist and the
-    # session token (SDKs send IMDS no Authorization header, so these are not "guarded").
-    route("PUT", "/latest/api/token", Endpoints.imds_token),
-    route("GET", "/latest/meta-data/iam/security-credentials", Endpoints.imds_roles),
-    route("GET", "/latest/meta-data/iam/security-credentials/{name}", Endpoints.imds_credentials),
-    route("GET", "/latest/meta-data/placement/{item:region|availability-zone}", Endpoints.imds_placement),
-    route("GET", "/latest/dynamic/instance-identity/document", Endpoints.imds_identity_document),
-    route("GET", "/latest/meta-data/{rest:path}", Endpoints.imds_not_found),
+    # IMDSv2, for SDKs' default chain (they send IMDS no Authorization header, hence its own guards).
+    route("PUT", "/latest/api/token", Endpoints.imds_token, guard=Guard.IMDS),
+    route("GET", "/latest/meta-data/iam/security-credentials", Endpoints.imds_roles, guard=Guard.IMDS_SESSION),
+    route("GET", "/latest/meta-data/iam/security-credentials/{listed}", Endpoints.imds_credentials,
+          guard=Guard.IMDS_SESSION, audited=True),
+    route("GET", "/latest/meta-data/placement/{item:region|availability-zone}", Endpoints.imds_placement,
+          guard=Guard.IMDS_SESSION),
+    route("GET", "/latest/dynamic/instance-identity/document", Endpoints.imds_identity_document,
+          guard=Guard.IMDS_SESSION),
+    route("GET", "/latest/meta-data/{rest:path}", Endpoints.imds_not_found, guard=Guard.IMDS_SESSION),
     # Task scale-in protection at $ECS_AGENT_URI, ECS's /api/{id}; without {ident}, the caller's task.
     route("GET", "/api[/{ident}]/task-protection/v1/state", Endpoints.protection_state),
-    route("PUT", "/api[/{ident}]/task-protection/v1/state", Endpoints.update_protection, guarded=True, body=True),
+    route("PUT", "/api[/{ident}]/task-protection/v1/state", Endpoints.update_protection, guard=Guard.TOKEN,
+          body=True),
 )
 
 
@@ -3150,7 +3174,9 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def answer(self) -> tuple[Response, bool]:
         """The route's answer to this request, errors included, and whether the audit trail
-        recorded it."""
+        recorded it.  This is where the guard and audit columns of ROUTES are applied, for
+        every route and method: the guard before the handler runs, the audit record (of every
+        answer of an audited route, whatever its status) before the answer is written."""
         endpoints = self.server.endpoints
         path = normalize_path(self.path)
         body_sent = self.headers.get("Content-Length", "0").strip() not in ("", "0") or \
@@ -3158,28 +3184,31 @@ class RequestHandler(BaseHTTPRequestHandler):
         keep_alive = not self.close_connection
         if body_sent:
             self.close_connection = True   # unless the route reads the body
-        request = None
         try:
             chosen, params = resolve(self.command, path)
-            body = b""
+        except ApiError as exc:
+            return exc.response(), False   # no route: nothing to guard or audit
+        request = Request(params, plain_ip(self.client_address[0]), self.headers, self._started)
+        issued = error = None
+        try:
             if body_sent:
                 if not chosen.body:
                     raise ApiError(413, "RequestBodyNotAccepted", "this route takes no request body")
-                body = self.read_body()
+                request.body = self.read_body()
                 self.close_connection = not keep_alive
-            request = Request(params, plain_ip(self.client_address[0]), self.headers, self._started, body)
-            if chosen.guarded:
-                endpoints.policy.check(request.caller, request.authorization)
-            return as_response(chosen.handler(endpoints, request)), chosen.audited   # the handler recorded it
+            endpoints.admit(chosen.guard, request)
+            result = chosen.handler(endpoints, request)
+            if isinstance(result, Vended):
+                issued, result = result.issued, result.body
+            response = as_response(result)
         except ApiError as exc:
-            audited = request is not None and chosen.audited
-            if audited:   # a credentials route's refusal or failure
-                endpoints.audit.record(request, printable(path, AUDIT_TEXT_LIMIT), error=exc)
-            return exc.response(), audited
+            error, response = exc, exc.response()
         except Exception:
             log.exception("error in %s %s", self.command, printable(path, 200))
-            error = ApiError(500, "InternalError", "internal error in local-endpoints; see its log")
-            return error.response(), False
+            return ApiError(500, "InternalError", "internal error in local-endpoints; see its log").response(), False
+        if chosen.audited:
+            endpoints.audit.record(request, path, issued, error, endpoints.role_asked(request))
+        return response, chosen.audited
 
     def read_body(self) -> bytes:
         """A request body of at most MAX_BODY bytes, which must arrive within CLIENT_TIMEOUT."""

@@ -568,7 +568,7 @@ def test_audit_trail_of_served_cached_and_refused_requests(start_server, moto, s
 
 def test_imds_credentials_are_in_the_audit_trail(start_server, moto, secrets, tmp_path):
     """The IMDS credentials route hands out credentials too: served and refused answers are recorded
-    (its access line stays: IMDS is not a guarded route)."""
+    (it is an audited route: its audit line stands for the access line)."""
     audit = tmp_path / "audit.jsonl"
     server = start_server(env=aws_env(moto, ECS_LOCAL_AUDIT_LOG=audit))
     path = "/latest/meta-data/iam/security-credentials/local-endpoints"
@@ -589,7 +589,8 @@ def test_imds_credentials_are_in_the_audit_trail(start_server, moto, secrets, tm
 def test_only_credentials_routes_are_audited(start_server, moto):
     """Task protection's PUT is guarded too, but hands out no credentials: its refusal keeps its
     access line and makes no audit record."""
-    assert [r.rule for r in le.ROUTES if r.audited] == ["/creds", "/role/{name}", "/role-arn/{arn:path}"]
+    assert [r.rule for r in le.ROUTES if r.audited] == ["/creds", "/role/{name}", "/role-arn/{arn:path}",
+                                                        "/latest/meta-data/iam/security-credentials/{listed}"]
     server = start_server(env=aws_env(moto, ECS_LOCAL_ALLOWED_CALLERS="127.0.0.1/32"))
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10, source_address=("127.0.0.2", 0))
     try:

@@ -1042,6 +1042,12 @@ SECRET_ENV_VARS = {"AWS_SECRET_ACCESS_KEY": "secret access key",
 # The server under test
 # =============================================================================
 
+def aws_env(moto: Moto, **extra) -> dict:
+    """Server environment: moto's dummy identity, STS/IAM at the counting proxy, no Docker."""
+    return {**moto.env, "STS_ENDPOINT": moto.url, "IAM_ENDPOINT": moto.url,
+            "DOCKER_HOST": "unix:///nonexistent.sock", **extra}
+
+
 class Server:
     """One running server process (``local_endpoints.py`` or a benchmark's baseline).
 
