@@ -1147,8 +1147,9 @@ def account_of(arn: str) -> str:
 class Issued:
     """Credentials handed out, with what the audit trail says about them."""
     credentials: Credentials
-    identity: str    # the role ARN, or the base identity's ARN for /creds
-    source: str      # "sts" (called for this request) or "cache"
+    identity: str | None   # the role ARN, or the base identity's ARN for /creds (None: STS would not say)
+    source: str            # "sts" (called for this request), "cache", or "passthrough" (the base
+                           # identity's temporary credentials, handed on as they are)
 
 
 class MfaCodeRequired(Exception):
@@ -1448,17 +1449,17 @@ class CredentialVendor:
             credentials, source = self._cached("profile-role:" + profile.role_arn,
                                                functools.partial(self._assume_profile_role, profile))
             return Issued(credentials, profile.role_arn, source)
-        frozen, expiry, method = self._call("LoadCredentials", self.identity.base)
+        frozen, expiry, _ = self._call("LoadCredentials", self.identity.base)
         if frozen.token:
             expiration = expiry or (datetime.now(timezone.utc)
                                     + timedelta(seconds=self.config.shared_token_expiration))
             credentials, source = Credentials(frozen.access_key, frozen.secret_key, frozen.token,
-                                              expiration.replace(microsecond=0)), "cache"
+                                              expiration.replace(microsecond=0)), "passthrough"
         else:
             credentials, source = self._cached("session:" + frozen.access_key, self._get_session_token)
         caller = self._caller_identity(frozen.access_key)
-        if caller is None:
-            return Issued(credentials, method, source)
+        if caller is None:   # no ARN to name: botocore's credential method is not an identity
+            return Issued(credentials, None, source)
         return Issued(self._with_account(credentials, caller["Account"]), caller["Arn"], source)
 
     def _with_account(self, credentials: Credentials, account: str) -> Credentials:
@@ -1806,7 +1807,8 @@ class AuditTrail:
                role: str | None = None) -> None:
         """What a credentials route answered: the credentials issued, or the error.
 
-        role is the role asked for, by default the route's name or arn parameter.
+        role is the role asked for (Endpoints.role_asked), named when the credentials issued
+        do not say whose they are.
 
         On the hot path of every credentials request: one log call, and one write when
         ECS_LOCAL_AUDIT_LOG is set; nothing is worked out that neither needs.
@@ -1815,12 +1817,10 @@ class AuditTrail:
         logged = audit_log.isEnabledFor(level)
         if self._file is None and not logged:
             return
-        if role is None:
-            role = request.params.get("arn") or request.params.get("name")
         # Cut to what a real role ARN can be (a path of up to 512 characters): a refused
         # request may send 64 KiB.
         route = route[:AUDIT_TEXT_LIMIT]
-        role = (issued.identity if issued else role or "")[:AUDIT_TEXT_LIMIT] or None
+        role = ((issued and issued.identity) or role or "")[:AUDIT_TEXT_LIMIT] or None
         container = self.container(request.caller)
         credentials = issued.credentials if issued else None
         outcome = "served" if error is None else error.code
@@ -3203,9 +3203,12 @@ class RequestHandler(BaseHTTPRequestHandler):
             response = as_response(result)
         except ApiError as exc:
             error, response = exc, exc.response()
+        except (ConnectionError, TimeoutError):
+            raise   # the client went away (a body cut short): no answer leaves, so none is recorded
         except Exception:
             log.exception("error in %s %s", self.command, printable(path, 200))
-            return ApiError(500, "InternalError", "internal error in local-endpoints; see its log").response(), False
+            error = ApiError(500, "InternalError", "internal error in local-endpoints; see its log")
+            response = error.response()
         if chosen.audited:
             endpoints.audit.record(request, path, issued, error, endpoints.role_asked(request))
         return response, chosen.audited

@@ -6,20 +6,32 @@ without the authorization token or without an IMDS session token, or any IMDS re
 IMDS is off), for every method it answers (HEAD too where it answers GET); every answer of
 an audited route makes exactly one audit record, and no other route makes any.
 
+Records name the role and the source of what was handed out: ``sts``, ``cache``, or
+``passthrough`` for the base identity's own temporary credentials.
+
 The server is a real local_endpoints.py subprocess with STS and IAM at moto_server; the
-caller outside the allowlist is 127.0.0.2, a real source address on loopback.
+caller outside the allowlist is 127.0.0.2, a real source address on loopback.  Two faults
+no real component gives on demand are made in-process, and say so: a GetCallerIdentity
+that fails while GetSessionToken works, and a handler that breaks (a 500).
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import inspect
 import json
 import re
+import threading
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from secrets import token_urlsafe
 
+import botocore.credentials
+import botocore.exceptions
+
 import local_endpoints as le
-from testlib import aws_env
+from testlib import aws_env, http_request
 
 OUTSIDER = "127.0.0.2"   # a loopback source address outside ECS_LOCAL_ALLOWED_CALLERS below
 
@@ -122,3 +134,75 @@ def test_imds_routes_refuse_everyone_while_imds_is_off(start_server, moto, tmp_p
         before = len(audit_records(audit))
         assert call(server.port, method, sample_path(route.rule)) == 404, (method, route.rule)
         assert len(audit_records(audit)) == before + route.audited, (method, route.rule)
+
+
+def test_temporary_base_credentials_are_recorded_as_passed_through(start_server, moto, secrets, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    session_token = "le-audit-session-token-" + token_urlsafe(24)
+    server = start_server(env=aws_env(moto, AWS_SESSION_TOKEN=session_token, ECS_LOCAL_AUDIT_LOG=audit))
+    for _ in range(2):
+        status, _, body = server.get("/creds")
+        assert status == 200 and json.loads(body)["Token"] == session_token
+    records = audit_records(audit)
+    assert [r["source"] for r in records] == ["passthrough", "passthrough"]
+    assert records[0]["role"] == "arn:aws:sts::123456789012:user/moto"
+    assert re.search(r"route=/creds caller=127\.0\.0\.1 role=\S+ accessKeyId=\S+ expiration=\S+ "
+                     r"source=passthrough outcome=served status=200", server.log()), server.log()
+
+
+class IdentityWithoutCallerIdentity:
+    """An AwsIdentity whose GetSessionToken works and GetCallerIdentity fails (a fake: moto cannot
+    fail one call and not the other on demand).  The failure is a real botocore exception."""
+
+    profile = None
+    mfa = None
+
+    def check_mfa_session(self) -> None:
+        pass
+
+    def base(self):
+        return botocore.credentials.ReadOnlyCredentials("AKIAEXAMPLELONGTERM", "long-term-secret-example", None), \
+            None, "shared-credentials-file"
+
+    def get_session_token(self, duration: int) -> dict:
+        return {"AccessKeyId": "ASIAEXAMPLESESSION", "SecretAccessKey": "session-secret-example",
+                "SessionToken": "session-token-example", "Expiration": datetime.now(timezone.utc) + timedelta(hours=1)}
+
+    def get_caller_identity(self) -> dict:
+        raise botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9/")
+
+
+@contextlib.contextmanager
+def in_process_server(endpoints: le.Endpoints):
+    server = le.EndpointsServer(("127.0.0.1", 0), endpoints, 8)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_every_answer_is_recorded_before_it_leaves_500_included(tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    config = replace(le.default_config(), audit_log=str(audit), docker_host="unix:///nonexistent.sock")
+    endpoints = le.Endpoints(config)
+    endpoints.vendor = le.CredentialVendor(IdentityWithoutCallerIdentity(), config)
+    with in_process_server(endpoints) as url:
+        status, _, body = http_request(url, path="/creds")
+        # Read as soon as the answer is in: the record was written before it left.
+        served = audit_records(audit)
+        assert status == 200 and len(served) == 1
+        # The role is unknown, not botocore's credential method ("shared-credentials-file").
+        assert (served[0]["role"], served[0]["source"], served[0]["outcome"]) == (None, "sts", "served")
+
+        def broken() -> le.Issued:   # a fault in the server itself: no real component makes one
+            raise RuntimeError("a bug")
+        endpoints.vendor.own = broken
+        status, _, body = http_request(url, path="/creds")
+        records = audit_records(audit)
+        assert status == 500 and json.loads(body)["code"] == "InternalError"
+        assert len(records) == 2
+        assert (records[1]["route"], records[1]["outcome"], records[1]["accessKeyId"]) == \
+            ("/creds", "InternalError", None)
