@@ -3011,50 +3011,6 @@ def resolve(method: str, path: str) -> tuple[Route, dict[str, Any]]:
 CLIENT_TIMEOUT = 5.0   # the ECS agent's read and write timeouts
 MAX_BODY = 64 * 1024
 SERVER_NAME = f"local-endpoints/{VERSION}"
-MAX_HEADER_LINE = 65536   # http.client's limits on a request's header block
-MAX_HEADER_LINES = 100
-
-
-class HeadersTooLarge(Exception):
-    """A header line over MAX_HEADER_LINE bytes, or more than MAX_HEADER_LINES lines: 431."""
-
-
-def read_headers(rfile: Any) -> http.client.HTTPMessage:
-    """A request's header block as http.server would make it, without the email package's parser.
-
-    http.server gives the block to email.parser, which costs more than all the rest of
-    a cached credentials request (issue 12's profile).  The fields are 'name: value' lines;
-    as in the email parser, a line starting with a space or tab continues the field before,
-    and a line that is not a field ends the fields (the rest of the block is read, unused;
-    email would skip an mbox 'From ' line instead, which no HTTP client sends).
-    """
-    headers = http.client.HTTPMessage()
-    name = value = ""
-    ended = False
-    for count in range(MAX_HEADER_LINES + 1):
-        raw = rfile.readline(MAX_HEADER_LINE + 1)
-        if len(raw) > MAX_HEADER_LINE:
-            raise HeadersTooLarge("Line too long")
-        if count == MAX_HEADER_LINES:   # the blank line counts, as in http.client
-            raise HeadersTooLarge("Too many headers")
-        if raw in (b"\r\n", b"\n", b""):
-            break
-        line = raw.decode("iso-8859-1")
-        if ended:
-            continue
-        if line[0] in " \t":
-            value += line if name else ""
-            continue
-        if name:
-            headers.set_raw(name, value.lstrip(" \t").rstrip("\r\n"))
-        name, colon, value = line.partition(":")
-        if not colon or " " in name or not (name.isascii() and name.isprintable()):
-            name, ended = "", True
-    if name:
-        headers.set_raw(name, value.lstrip(" \t").rstrip("\r\n"))
-    return headers
-
-
 def printable(text: str, limit: int) -> str:
     """Text safe for a log line or message: control characters escaped, length cut."""
     text = text[:limit]
@@ -3124,49 +3080,6 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             self.server.deadlines.pop(self, None)
-
-    def parse_request(self) -> bool:
-        """http.server's parse_request (same statuses, same Connection and Expect handling),
-        with the headers read by read_headers()."""
-        self.command, self.request_version, self.close_connection = None, self.default_request_version, True
-        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = self.requestline.split()
-        if not words:
-            return False
-        if len(words) >= 3:
-            version = words[-1]
-            numbers = version[5:].split(".") if version.startswith("HTTP/") else []
-            if len(numbers) != 2 or not all(n.isdigit() and len(n) <= 10 for n in numbers):
-                self.send_error(HTTPStatus.BAD_REQUEST, f"Bad request version ({version!r})")
-                return False
-            if (int(numbers[0]), int(numbers[1])) >= (2, 0):
-                self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, f"Invalid HTTP version ({version[5:]})")
-                return False
-            self.close_connection = (int(numbers[0]), int(numbers[1])) < (1, 1)
-            self.request_version = version
-        if not 2 <= len(words) <= 3:
-            self.send_error(HTTPStatus.BAD_REQUEST, f"Bad request syntax ({self.requestline!r})")
-            return False
-        command, path = words[:2]
-        if len(words) == 2:
-            self.close_connection = True
-            if command != "GET":
-                self.send_error(HTTPStatus.BAD_REQUEST, f"Bad HTTP/0.9 request type ({command!r})")
-                return False
-        self.command, self.path = command, ("/" + path.lstrip("/") if path.startswith("//") else path)
-        try:
-            self.headers = read_headers(self.rfile)
-        except HeadersTooLarge as exc:
-            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, str(exc))
-            return False
-        connection = self.headers.get("Connection", "").lower()
-        if connection == "close":
-            self.close_connection = True
-        elif connection == "keep-alive":
-            self.close_connection = False
-        if self.headers.get("Expect", "").lower() == "100-continue" and self.request_version >= "HTTP/1.1":
-            return self.handle_expect_100()
-        return True
 
     def dispatch(self) -> None:
         response, audited = self.answer()
