@@ -1837,7 +1837,9 @@ class AuditTrail:
                      f" elapsed={(time.monotonic() - request.received) * 1000:.1f}ms")
             if error:
                 line += f" reason={safe(error.message)}"
-            audit_log.log(level, "%s", line)
+            # A record made here, not by audit_log.log(): that would look up its caller's
+            # file and line in the stack, which no log line shows, for every answer.
+            audit_log.handle(audit_log.makeRecord(audit_log.name, level, "", 0, line, None, None))
         if self._file is not None:
             entry = {
                 "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
@@ -3253,8 +3255,37 @@ class EndpointsServer(ThreadingHTTPServer):
 # main()
 # ---------------------------------------------------------------------------
 
+class LineHandler(logging.Handler):
+    """Each log line written whole, with one write(2) to a file descriptor and no lock.
+
+    logging.StreamHandler formats, writes and flushes under one lock: with an audit line
+    for every credentials answer from many handler threads, waiting for that lock cost
+    more than the rest of a cached request (bench/creds.py at INFO).  One write(2) of a
+    whole line needs none: the kernel does not mix concurrent writes to one open file,
+    nor a pipe's of up to PIPE_BUF (4096) bytes, more than any audit line takes
+    (AUDIT_TEXT_LIMIT); a longer line, such as a traceback, may be split on a pipe.
+    A line is written, in the kernel's hands, when write(2) returns: before the answer
+    it records is sent.
+    """
+
+    def __init__(self, fd: int):
+        super().__init__()
+        self.fd = fd
+
+    def createLock(self) -> None:
+        self.lock = None   # Handler.acquire() and release() do nothing without one
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+            while data:
+                data = data[os.write(self.fd, data):]
+        except Exception:
+            self.handleError(record)
+
+
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
+    logging.basicConfig(level=level, handlers=[LineHandler(sys.stderr.fileno())],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # botocore's DEBUG log prints STS replies, secret keys included: never below WARNING.
     for noisy in ("botocore", "boto3", "urllib3", "requests", "s3transfer"):

@@ -21,6 +21,8 @@ import contextlib
 import http.client
 import inspect
 import json
+import logging
+import os
 import re
 import threading
 from dataclasses import replace
@@ -206,3 +208,32 @@ def test_every_answer_is_recorded_before_it_leaves_500_included(tmp_path):
         assert len(records) == 2
         assert (records[1]["route"], records[1]["outcome"], records[1]["accessKeyId"]) == \
             ("/creds", "InternalError", None)
+
+
+def test_log_lines_from_many_threads_arrive_whole_on_a_pipe():
+    """LineHandler writes each line with one write(2) and no lock: lines up to PIPE_BUF, which
+    every audit line fits in, are never mixed on a pipe (the log of a container)."""
+    read_end, write_end = os.pipe()
+    logger = logging.getLogger("local_endpoints.test-lines")
+    logger.propagate = False
+    handler = le.LineHandler(write_end)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logger.addHandler(handler)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(read_end, 65536), b"")))
+    reader.start()
+    lines = {f"thread {t} line {n} " + "x" * 2000 for t in range(8) for n in range(50)}
+    try:
+        threads = [threading.Thread(target=lambda t=t: [logger.warning("%s", line) for line in sorted(lines)
+                                                        if line.startswith(f"thread {t} ")]) for t in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        logger.removeHandler(handler)
+        os.close(write_end)
+        reader.join()
+        os.close(read_end)
+    written = b"".join(chunks).decode().splitlines()
+    assert sorted(written) == sorted(f"local_endpoints.test-lines: {line}" for line in lines)
