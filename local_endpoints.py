@@ -92,6 +92,16 @@ DEFAULT_TASK_ARN = (
 )
 
 
+def default_task_arn(cluster_arn: str, project: str | None) -> str:
+    """TASK_ARN's default: a compose project's own stable ARN, in the region and account of
+    CLUSTER_ARN when that is an ARN; outside compose the original's fixed default."""
+    if not project:
+        return DEFAULT_TASK_ARN
+    cluster = cluster_arn.split(":")
+    prefix = ":".join(cluster[:5]) if len(cluster) > 5 else DEFAULT_TASK_ARN.split(":task/")[0]
+    return f"{prefix}:task/{cluster_name(cluster_arn)}/{uuid.uuid5(TASK_ID_NAMESPACE, project)}"
+
+
 class ConfigError(Exception):
     """A setting that cannot be used: reported as one line at start-up."""
 
@@ -230,6 +240,10 @@ class Setting:
     lenient: bool = False          # a bad value warns and the default applies, as in the original
     flag: str = ""                 # a command-line flag that overrides the variable
     origin: str = "new"            # how it relates to the original's settings
+    # Defaults worked out rather than written (shown_default says how): from the environment
+    # at start-up (load_config), or for each task from what task_identity() knows of it.
+    default_of: Callable[[Mapping[str, str]], Any] | None = None
+    task_default: Callable[..., str] | None = None
 
     def meaning(self) -> str:
         return self.help + (f" (also read: {', '.join(self.aliases)})" if self.aliases else "")
@@ -240,7 +254,7 @@ class Setting:
         text = given if given is not None else next(
             (environ[n] for n in (self.name, *self.aliases) if environ.get(n)), self.default)
         if not text:
-            return None
+            return self.default_of(environ) if self.default_of else None
         try:
             return self.parse(text)
         except ValueError as exc:
@@ -276,20 +290,23 @@ SETTINGS: tuple[Setting, ...] = (
                           "(Docker Desktop), $XDG_RUNTIME_DIR/docker.sock (rootless), "
                           "~/.colima/default/docker.sock, /run/podman/podman.sock, "
                           "$XDG_RUNTIME_DIR/podman/podman.sock",
-            origin="Docker's standard variable, which the original's Docker client read too"),
+            origin="Docker's standard variable, which the original's Docker client read too",
+            default_of=lambda environ: default_docker_host(environ)),   # defined with the Docker client
     Setting("CLUSTER_ARN", "cluster_arn", "ecs-local-cluster", str, "Cluster in task metadata",
             origin="original"),
     Setting("TASK_ARN", "task_arn", "", str, "TaskARN",
             shown_default="one stable ARN per compose project; outside compose the original's fixed default",
-            origin="original, which used its fixed default for every task"),
+            origin="original, which used its fixed default for every task",
+            task_default=default_task_arn),
     Setting("TASK_DEFINITION_FAMILY", "task_family", "", str, "Family",
             shown_default="the compose project, else ecs-local-task-definition",
-            origin="original (its default was esc-local-task-definition)"),
+            origin="original (its default was esc-local-task-definition)",
+            task_default=lambda project: project or "ecs-local-task-definition"),
     Setting("TASK_DEFINITION_REVISION", "task_revision", "1", str, "Revision", origin="original"),
     Setting("LAUNCH_TYPE", "launch_type", "EC2", choice("EC2", "FARGATE", "EXTERNAL"),
             "LaunchType (v4): EC2, FARGATE or EXTERNAL"),
     Setting("AVAILABILITY_ZONE", "availability_zone", "", str, "AvailabilityZone",
-            shown_default="region of the task ARN + a"),
+            shown_default="region of the task ARN + a", task_default=lambda region: f"{region}a"),
     Setting("AVAILABILITY_ZONE_ID", "availability_zone_id", "", str,
             "AvailabilityZoneID (v4), e.g. usw2-az1; left out when unset"),
     Setting("VPC_ID", "vpc_id", "", str, "VPCID (v4, EC2 launch type only); left out when unset"),
@@ -338,6 +355,7 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+@functools.cache
 def setting(name: str) -> Setting:
     return next(s for s in SETTINGS if s.name == name)
 
@@ -350,7 +368,7 @@ class Config:
     shared_token_expiration: float
     sts_endpoint: str | None
     iam_endpoint: str | None
-    docker_host: str | None
+    docker_host: str
     cluster_arn: str
     task_arn: str | None
     task_family: str | None
@@ -420,7 +438,11 @@ def log_level(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
 
 def load_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     """Every setting from its flag, else the environment, else its default in SETTINGS."""
-    return Config(**{s.field: s.read(environ, args) for s in SETTINGS if s.field})
+    config = Config(**{s.field: s.read(environ, args) for s in SETTINGS if s.field})
+    if config.authorization_token and config.authorization_token_file:
+        raise ConfigError("ECS_LOCAL_AUTHORIZATION_TOKEN and ECS_LOCAL_AUTHORIZATION_TOKEN_FILE are both set: "
+                          "set one (the file, to rotate the token without a restart)")
+    return config
 
 
 def default_config() -> Config:
@@ -549,7 +571,7 @@ def choose_api_version(server: dict) -> str:
 
 def default_docker_host(environ: Mapping[str, str]) -> str:
     """The first socket that exists of the usual places (DOCKER_HOST unset)."""
-    home = os.path.expanduser("~")
+    home = environ.get("HOME") or os.path.expanduser("~")
     runtime = environ.get("XDG_RUNTIME_DIR")
     candidates = ["/var/run/docker.sock", f"{home}/.docker/run/docker.sock"]
     if runtime:
@@ -1045,6 +1067,8 @@ ASSUME_ROLE_SECONDS = 3600
 MFA_ATTEMPTS = 3                        # MFA codes asked at start-up before giving up (AWS refused them)
 MFA_WARN_SECONDS = 3600                 # the log says once when the MFA session has less than this left
 IDENTITY_RETRY_SECONDS = 300            # a failed sts:GetCallerIdentity is not retried for this long
+MISSING_ROLE_SECONDS = 60               # a role IAM said does not exist is not asked for again for this long
+MISSING_ROLES_KEPT = 1024               # at most this many such names remembered (any caller may send any)
 ROLE_NAME = re.compile(r"[\w+=,.@-]{1,64}", re.ASCII)
 ROLE_ARN = re.compile(r"arn:aws(?:-[a-z]+)*:iam::\d{12}:role/(?:[\x21-\x2e\x30-\x7e]+/){0,50}([\w+=,.@-]{1,64})",
                       re.ASCII)
@@ -1403,15 +1427,50 @@ def session_name_for(arn: str) -> str:
 
 
 class KeyedLocks:
-    """One lock per key, so concurrent requests for one identity make one AWS call."""
+    """One lock per key, so concurrent requests for one identity make one AWS call; a key's
+    lock is dropped when nobody holds or waits for it, so role names asked once leave nothing."""
 
     def __init__(self):
-        self._locks: dict[Any, threading.Lock] = {}
+        self._locks: dict[Any, tuple[threading.Lock, int]] = {}   # key -> (its lock, holders and waiters)
         self._guard = threading.Lock()
 
-    def __call__(self, key: Any) -> threading.Lock:
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    def _join(self, key: Any) -> threading.Lock:
         with self._guard:
-            return self._locks.setdefault(key, threading.Lock())
+            lock, users = self._locks.get(key) or (threading.Lock(), 0)
+            self._locks[key] = (lock, users + 1)
+            return lock
+
+    def _leave(self, key: Any) -> None:
+        with self._guard:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    @contextlib.contextmanager
+    def __call__(self, key: Any) -> Iterator[None]:
+        lock = self._join(key)
+        try:
+            with lock:
+                yield
+        finally:
+            self._leave(key)
+
+    def try_hold(self, key: Any) -> Callable[[], None] | None:
+        """key's lock if it is free, as the function that releases it; None if it is held."""
+        lock = self._join(key)
+        if not lock.acquire(blocking=False):
+            self._leave(key)
+            return None
+
+        def release() -> None:
+            lock.release()
+            self._leave(key)
+        return release
 
 
 class CredentialVendor:
@@ -1430,9 +1489,11 @@ class CredentialVendor:
         self.allowed_roles = config.allowed_roles
         self._cache: dict[str, Credentials] = {}
         self._role_arns: dict[str, str] = {}
+        self._missing_roles: dict[str, tuple[float, str]] = {}   # role name -> (when IAM said so, what it said)
         self._callers: dict[str, tuple[float, dict | None]] = {}   # access key -> (when asked, identity)
         self._last_with_account: tuple[Credentials, Credentials] | None = None
         self._locks = KeyedLocks()
+        self._guard = threading.Lock()   # for the memo of missing roles
 
     def _call(self, action: str, function: Callable[[], Any]) -> Any:
         try:
@@ -1525,14 +1586,38 @@ class CredentialVendor:
         self._call("LoadCredentials", self.identity.check_mfa_session)
         arn = self._role_arns.get(name)
         if arn is None:
+            self._check_not_missing(name)
             with self._locks("role-name:" + name):
                 arn = self._role_arns.get(name)
                 if arn is None:
-                    role = self._call("GetRole", lambda: self.identity.get_role(name))
+                    self._check_not_missing(name)   # another request asked while we waited
+                    try:
+                        role = self._call("GetRole", lambda: self.identity.get_role(name))
+                    except ApiError as exc:
+                        if exc.code == "NoSuchRole":
+                            self._remember_missing(name, exc.message)
+                        raise
                     arn = self._role_arns[name] = role["Arn"]
         if allowed is None and not self.allowed_roles.arn_allowed(arn):
             raise self.allowed_roles.refusal(f"{name} ({arn})")
         return self._assume(arn)
+
+    def _check_not_missing(self, name: str) -> None:
+        """The error IAM gave for a role that does not exist, while it is remembered."""
+        known = self._missing_roles.get(name)
+        if known is not None and time.monotonic() - known[0] < MISSING_ROLE_SECONDS:
+            raise ApiError(404, "NoSuchRole", f"{known[1]} (IAM said so {time.monotonic() - known[0]:.0f} s ago; "
+                                              f"it is asked again {MISSING_ROLE_SECONDS} s after that)")
+
+    def _remember_missing(self, name: str, message: str) -> None:
+        now = time.monotonic()
+        with self._guard:
+            if len(self._missing_roles) >= MISSING_ROLES_KEPT:
+                self._missing_roles = {n: known for n, known in self._missing_roles.items()
+                                       if now - known[0] < MISSING_ROLE_SECONDS}
+                while len(self._missing_roles) >= MISSING_ROLES_KEPT:
+                    del self._missing_roles[next(iter(self._missing_roles))]   # the oldest
+            self._missing_roles[name] = (now, message)
 
     def role_arn(self, arn: str) -> Issued:
         """/role-arn/{arn}: AssumeRole on the ARN as given (paths and partitions included)."""
@@ -1580,8 +1665,8 @@ class CredentialVendor:
         return fresh
 
     def _refresh_ahead(self, key: str, fetch: Callable[[], Credentials]) -> None:
-        lock = self._locks(key)
-        if not lock.acquire(blocking=False):
+        release = self._locks.try_hold(key)
+        if release is None:
             return   # a refresh is already under way
 
         def refresh() -> None:
@@ -1590,7 +1675,7 @@ class CredentialVendor:
             except ApiError:
                 pass   # _fetch logged it; the entry is still fresh
             finally:
-                lock.release()
+                release()
         threading.Thread(target=refresh, name="refresh-" + key[:40], daemon=True).start()
 
 
@@ -1653,9 +1738,7 @@ class CallerPolicy:
     def __init__(self, config: Config, view: ContainerView):
         self._explicit = config.allowed_callers
         self._token = config.authorization_token
-        self._token_file = None
-        if self._token is None and config.authorization_token_file:
-            self._token_file = TokenFile(config.authorization_token_file)
+        self._token_file = TokenFile(config.authorization_token_file) if config.authorization_token_file else None
         self._view = view
         # (bridge subnets it holds for, caller -> allowed): replaced when the subnets change.
         self._verdicts: tuple[tuple[IPNetwork, ...] | None, dict[IPAddress, bool]] = (None, {})
@@ -1890,28 +1973,21 @@ class TaskIdentity:
 
 
 def task_identity(config: Config, project: str | None, service: str | None) -> TaskIdentity:
-    """A compose project's own stable task ARN, in the region and account of CLUSTER_ARN when
-    that is an ARN, so that cluster, task and container ARNs agree."""
-    if config.task_arn:
-        arn = config.task_arn
-    elif project:
-        cluster = config.cluster_arn.split(":")
-        prefix = ":".join(cluster[:5]) if len(cluster) > 5 else DEFAULT_TASK_ARN.split(":task/")[0]
-        arn = f"{prefix}:task/{cluster_name(config.cluster_arn)}/{uuid.uuid5(TASK_ID_NAMESPACE, project)}"
-    else:
-        arn = DEFAULT_TASK_ARN
+    """The task's values: each setting's, else its default worked out for this task (the
+    Setting rows' task_default), so that cluster, task and container ARNs agree."""
+    arn = config.task_arn or setting("TASK_ARN").task_default(config.cluster_arn, project)
     parts = arn.split(":")
     region, account = (parts[3], parts[4]) if len(parts) > 5 else ("us-west-2", "111111111111")
     return TaskIdentity(
         cluster=config.cluster_arn,
         arn=arn,
-        family=config.task_family or project or "ecs-local-task-definition",
+        family=config.task_family or setting("TASK_DEFINITION_FAMILY").task_default(project),
         revision=config.task_revision,
         region=region,
         account=account,
         task_id=arn.rsplit("/", 1)[-1],
         launch_type=config.launch_type,
-        availability_zone=config.availability_zone or f"{region}a",
+        availability_zone=config.availability_zone or setting("AVAILABILITY_ZONE").task_default(region),
         service_name=service,
     )
 
@@ -2566,7 +2642,7 @@ class Endpoints:
         self.config = config
         self.identity = AwsIdentity(config)
         self.vendor = CredentialVendor(self.identity, config)
-        self.docker = DockerClient(config.docker_host or default_docker_host(os.environ))
+        self.docker = DockerClient(config.docker_host)
         self.stats = StatsHub(self.docker, eager=config.stats == "EAGER")
         self.view = ContainerView(self.docker, self.stats.follow)
         self.policy = CallerPolicy(config, self.view)
@@ -2577,7 +2653,6 @@ class Endpoints:
         self.imds_on = config.imds == "ON" or (config.imds == "AUTO" and not self.policy.token_required)
         self.imds_role_name = (config.imds_role or IMDS_DEFAULT_ROLE).rsplit("/", 1)[-1]
         self.imds_tokens = ImdsTokens()
-        self._imds_account: str | None = None
         self._imds_document: tuple[tuple[str, str], bytes] | None = None   # (key, expiry) -> its document
         self.protection = TaskProtection(self._live_tasks)
 
@@ -2697,16 +2772,13 @@ class Endpoints:
             raise ImdsError.of(exc) from None
 
     def _imds_account_id(self) -> str:
-        """The account of those credentials: the role's, else asked of STS once."""
-        role_arn = self._imds_vend().credentials.role_arn
-        if role_arn:
-            return role_arn.split(":")[4]
-        if self._imds_account is None:
-            try:
-                self._imds_account = self.identity.get_caller_identity()["Account"]
-            except Exception as exc:
-                raise ImdsError.of(aws_error(exc, "GetCallerIdentity", self.identity.profile)) from None
-        return self._imds_account
+        """The account of those credentials, as they carry it (Credentials.account_id: the role's,
+        or what sts:GetCallerIdentity said of the base identity)."""
+        account = self._imds_vend().credentials.account_id
+        if not account:
+            raise ImdsError(503, "AccountUnknown", "the account of these credentials is unknown: "
+                                                   "sts:GetCallerIdentity failed (see the server's log)")
+        return account
 
     # -- health --------------------------------------------------------------
 
