@@ -1,4 +1,4 @@
-"""Credentials a team and its auditors can live with (issue 11).
+"""Credentials a team and its auditors can live with.
 
 MFA once per working day (an aws-vault style MFA session opened at start-up on a
 real pty), ECS_LOCAL_ALLOWED_ROLES, the audit trail (log lines and
@@ -39,8 +39,7 @@ import botocore.credentials
 import pytest
 
 import local_endpoints as le
-from test_hardening import creds_from_namespace, get
-from testlib import REPO_ROOT, console_script, free_port, http_request, wait_for
+from testlib import REPO_ROOT, console_script, creds_from_namespace, free_port, get, http_request, wait_for
 
 ACCOUNT = "123456789012"
 MFA_SERIAL = f"arn:aws:iam::{ACCOUNT}:mfa/dev"

@@ -1,4 +1,4 @@
-"""The IMDSv2-compatible credentials endpoint (issue 10), with real clients.
+"""The IMDSv2-compatible credentials endpoint, with real clients.
 
 The server runs on the host, bound to 0.0.0.0. The clients run "inside" a
 busybox container on an ordinary user-defined bridge network (Docker picks the

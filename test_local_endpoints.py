@@ -1,4 +1,4 @@
-"""Tests of the server and its credentials routes (issue: the foundation).
+"""Tests of the server and its credentials routes.
 
 STS and IAM are a real moto_server behind a counting proxy (conftest.py); the
 server under test is a real ``local_endpoints.py`` process reached over TCP;

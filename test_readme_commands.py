@@ -1,4 +1,4 @@
-"""The README's two development commands work on a stock Debian 12 (issue 13).
+"""The README's two development commands work on a stock Debian 12.
 
 Debian's system Python refuses ``pip install`` (PEP 668), so the commands
 create a virtual environment themselves; ``.ci/run`` runs the same two lines.

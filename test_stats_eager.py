@@ -1,4 +1,4 @@
-"""Eager stats collection (issue 12) against the real Docker Engine.
+"""Eager stats collection against the real Docker Engine.
 
 By default (``ECS_LOCAL_STATS=eager``) the server starts a stats collector for
 every running container it sees, at start-up and when Docker reports a start,

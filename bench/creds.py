@@ -1,4 +1,4 @@
-"""Benchmark of issue 2: cached /creds and /role/{name} against a bare ThreadingHTTPServer.
+"""Benchmark: cached /creds and /role/{name} against a bare ThreadingHTTPServer.
 
 Starts moto_server behind conftest's counting proxy (STS and IAM), creates a
 role, starts local_endpoints.py pointed at it once per log level (WARNING: no
