@@ -17,17 +17,22 @@ Reading guide for auditors: every route is in ``ROUTES`` near the end of the
 file, written as a rule such as ``/v{version:3|4}[/{ident:container}]/task``
 (``compile_rule`` says what each part means); each names one small handler
 method of ``Endpoints``.  Every outbound call is a named method of one of two
-classes: ``DockerClient`` (version, containers, inspect, networks, events,
-stats: the Docker Engine API over its socket) and ``AwsIdentity`` (boto3's
-credential chain; get_session_token, get_caller_identity, get_role, assume_role
-on STS and IAM).  Each row of ``ROUTES`` also says who may call the route
+classes, and every public method of the two is listed here: ``DockerClient``
+(``version``, ``containers``, ``inspect``, ``networks``, ``events``, ``stats``:
+the Docker Engine API over its socket; ``timeout_error`` only makes the error)
+and ``AwsIdentity`` (``resolve_at_startup``, ``source``, ``base``: boto3's
+credential chain, which may call out for SSO, assume-role profiles or
+credential_process, and the MFA session opened at start-up;
+``check_mfa_session``, ``mfa_session_ends``: what is known of that session, no
+call; ``get_session_token``, ``get_caller_identity``, ``get_role``,
+``assume_role``: STS and IAM).  Each row of ``ROUTES`` also says who may call the route
 (its ``guard``: anyone; an allowed network and the authorization token; IMDS's
 allowed network and session token) and whether every answer is recorded
 (``audited``); ``RequestHandler.answer`` applies both to every request, and no
 handler checks a caller itself.  ``CallerPolicy`` decides which networks and
 token are allowed, ``RoleAllowlist`` which roles may be handed out, and
-``AuditTrail`` writes the records.  Every
-setting is one row of ``SETTINGS``.
+``AuditTrail`` writes the records, each before its answer is sent (a log line
+is one write(2), ``LineHandler``).  Every setting is one row of ``SETTINGS``.
 
 Sections, in data-flow order: configuration, Docker client, credentials,
 metadata builders, stats, the route table, the HTTP handler, main().
