@@ -26,14 +26,10 @@ import os
 import re
 import threading
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
 from secrets import token_urlsafe
 
-import botocore.credentials
-import botocore.exceptions
-
 import local_endpoints as le
-from testlib import aws_env, http_request
+from testlib import IdentityWithoutCallerIdentity, aws_env, http_request
 
 OUTSIDER = "127.0.0.2"   # a loopback source address outside ECS_LOCAL_ALLOWED_CALLERS below
 
@@ -150,28 +146,6 @@ def test_temporary_base_credentials_are_recorded_as_passed_through(start_server,
     assert records[0]["role"] == "arn:aws:sts::123456789012:user/moto"
     assert re.search(r"route=/creds caller=127\.0\.0\.1 role=\S+ accessKeyId=\S+ expiration=\S+ "
                      r"source=passthrough outcome=served status=200", server.log()), server.log()
-
-
-class IdentityWithoutCallerIdentity:
-    """An AwsIdentity whose GetSessionToken works and GetCallerIdentity fails (a fake: moto cannot
-    fail one call and not the other on demand).  The failure is a real botocore exception."""
-
-    profile = None
-    mfa = None
-
-    def check_mfa_session(self) -> None:
-        pass
-
-    def base(self):
-        return botocore.credentials.ReadOnlyCredentials("AKIAEXAMPLELONGTERM", "long-term-secret-example", None), \
-            None, "shared-credentials-file"
-
-    def get_session_token(self, duration: int) -> dict:
-        return {"AccessKeyId": "ASIAEXAMPLESESSION", "SecretAccessKey": "session-secret-example",
-                "SessionToken": "session-token-example", "Expiration": datetime.now(timezone.utc) + timedelta(hours=1)}
-
-    def get_caller_identity(self) -> dict:
-        raise botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9/")
 
 
 @contextlib.contextmanager

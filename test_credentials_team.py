@@ -39,7 +39,8 @@ import botocore.credentials
 import pytest
 
 import local_endpoints as le
-from testlib import REPO_ROOT, console_script, creds_from_namespace, free_port, get, http_request, wait_for
+from testlib import (REPO_ROOT, IdentityWithoutCallerIdentity, console_script, creds_from_namespace, free_port, get,
+                     http_request, wait_for)
 
 ACCOUNT = "123456789012"
 MFA_SERIAL = f"arn:aws:iam::{ACCOUNT}:mfa/dev"
@@ -646,30 +647,6 @@ def test_botocore_credentials_carry_the_account_id(start_server, moto, secrets, 
     moto.reset_counts()
     assert json.loads(server.get("/creds")[2])["AccountId"] == ACCOUNT
     assert moto.count("GetCallerIdentity") == 0   # asked once per identity, then remembered
-
-
-class IdentityWithoutCallerIdentity:
-    """An AwsIdentity whose GetSessionToken works and GetCallerIdentity fails: moto cannot fail
-    one call and not the other on demand.  The failure is a real botocore exception."""
-
-    profile = None
-    mfa = None
-
-    def __init__(self):
-        self.asked = 0
-
-    def base(self):
-        return botocore.credentials.ReadOnlyCredentials("AKIAEXAMPLELONGTERM", "long-term-secret-example", None), \
-            None, "env"
-
-    def get_session_token(self, duration: int) -> dict:
-        return {"AccessKeyId": "ASIAEXAMPLESESSION", "SecretAccessKey": "session-secret-example",
-                "SessionToken": "session-token-example", "Expiration": datetime.now(timezone.utc) + timedelta(hours=1)}
-
-    def get_caller_identity(self) -> dict:
-        import botocore.exceptions
-        self.asked += 1
-        raise botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9/")
 
 
 def test_failed_caller_identity_leaves_account_id_out_and_is_not_retried_at_once(caplog):

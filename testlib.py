@@ -1255,3 +1255,38 @@ def moto_server_at(host: str):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# =============================================================================
+# A fault no real component gives on demand
+# =============================================================================
+
+class IdentityWithoutCallerIdentity:
+    """An AwsIdentity whose GetSessionToken works and GetCallerIdentity fails (a fake: moto cannot
+    fail one call and not the other on demand).  The failure is a real botocore exception; the
+    base identity's method is botocore's name for a credentials file, which no record may take
+    for an identity."""
+
+    profile = None
+    mfa = None
+
+    def __init__(self):
+        self.asked = 0
+
+    def check_mfa_session(self) -> None:
+        pass
+
+    def base(self):
+        import botocore.credentials
+        return botocore.credentials.ReadOnlyCredentials("AKIAEXAMPLELONGTERM", "long-term-secret-example", None), \
+            None, "shared-credentials-file"
+
+    def get_session_token(self, duration: int) -> dict:
+        from datetime import datetime, timedelta, timezone
+        return {"AccessKeyId": "ASIAEXAMPLESESSION", "SecretAccessKey": "session-secret-example",
+                "SessionToken": "session-token-example", "Expiration": datetime.now(timezone.utc) + timedelta(hours=1)}
+
+    def get_caller_identity(self) -> dict:
+        import botocore.exceptions
+        self.asked += 1
+        raise botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9/")
