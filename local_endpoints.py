@@ -11,31 +11,39 @@ ECS or Fargate:
   ``AWS_EC2_METADATA_SERVICE_ENDPOINT`` from any network;
 * task metadata and stats (v2, v3, v4) built from the live Docker Engine
   (or podman's Docker API);
-* task scale-in protection at ``ECS_AGENT_URI`` (``/api/{id}/task-protection/v1/state``).
+* task scale-in protection at ``ECS_AGENT_URI`` (``/api/{id}/task-protection/v1/state``);
+* ``run TASKDEF``: a task definition's containers started as the ECS agent starts
+  them, with the endpoints at 169.254.170.2 in their network namespaces and their
+  task role at ``/v2/credentials/{id}``.
 
 Reading guide for auditors: every route is in ``ROUTES`` near the end of the
 file, written as a rule such as ``/v{version:3|4}[/{ident:container}]/task``
 (``compile_rule`` says what each part means); each names one small handler
 method of ``Endpoints``.  Every outbound call is a named method of one of two
 classes, and every public method of the two is listed here: ``DockerClient``
-(``version``, ``containers``, ``inspect``, ``networks``, ``events``, ``stats``:
-the Docker Engine API over its socket; ``timeout_error`` only makes the error)
-and ``AwsIdentity`` (``resolve_at_startup``, ``source``, ``base``: boto3's
+(the Docker Engine API over its socket: ``version``, ``containers``,
+``inspect``, ``networks``, ``events``, ``stats`` for the metadata; ``image``,
+``pull``, ``create``, ``start``, ``stop``, ``remove``, ``create_volume``,
+``volume``, ``remove_volume``, ``logs``, ``task_events`` for the task of run;
+``timeout_error`` only makes the error) and ``AwsIdentity``
+(``resolve_at_startup``, ``source``, ``base``: boto3's
 credential chain, which may call out for SSO, assume-role profiles or
 credential_process, and the MFA session opened at start-up;
 ``check_mfa_session``, ``mfa_session_ends``: what is known of that session, no
 call; ``get_session_token``, ``get_caller_identity``, ``get_role``,
-``assume_role``: STS and IAM).  Each row of ``ROUTES`` also says who may call the route
-(its ``guard``: anyone; an allowed network and the authorization token; IMDS's
-allowed network and session token) and whether every answer is recorded
+``assume_role``: STS and IAM; ``describe_task_definition``: ECS, for run).
+Each row of ``ROUTES`` also says who may call the route (its ``guard``: anyone;
+an allowed network and the authorization token; IMDS's allowed network and
+session token; the credentials id ``run`` gave a task) and whether every answer is recorded
 (``audited``); ``RequestHandler.answer`` applies both to every request, and no
 handler checks a caller itself.  ``CallerPolicy`` decides which networks and
 token are allowed, ``RoleAllowlist`` which roles may be handed out, and
 ``AuditTrail`` writes the records, each before its answer is sent (a log line
 is one write(2), ``LineHandler``).  Every setting is one row of ``SETTINGS``.
 
-Sections, in data-flow order: configuration, Docker client, credentials,
-metadata builders, stats, the route table, the HTTP handler, main().
+Sections, in file order: configuration, Docker client, credentials, metadata
+builders, task definitions, run (one task's containers), stats, the route table
+and its handlers, the HTTP handler, run (the command), main().
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ import email.message
 import email.utils
 import enum
 import errno
+import fcntl
 import functools
 import getpass
 import hmac
@@ -61,6 +70,7 @@ import secrets
 import signal
 import socket
 import socketserver
+import struct
 import sys
 import threading
 import time
@@ -557,6 +567,7 @@ DOCKER_TIMEOUT = 5.0
 MAX_DOCKER_API = (1, 51)
 COMPOSE_PROJECT = "com.docker.compose.project"
 COMPOSE_SERVICE = "com.docker.compose.service"
+ECS_CONTAINER_NAME = "com.amazonaws.ecs.container-name"   # the agent's label: the task definition's name
 
 
 def choose_api_version(server: dict) -> str:
@@ -679,6 +690,83 @@ class DockerClient:
             return self._podman_stats(path)
         return self._stream(path, {"stream": "1"}, DOCKER_TIMEOUT)
 
+    # -- the calls `run` makes -------------------------------------------------
+
+    def image(self, reference: str) -> dict:
+        """docker image inspect; LookupError when the engine does not have it."""
+        return self._get(f"/images/{quote(reference, safe='')}/json")
+
+    def pull(self, reference: str) -> None:
+        """docker pull, waiting for the end of Docker's progress stream; a failure is an ApiError
+        with Docker's message (Docker reports it inside the stream, after a 200)."""
+        tagged = "@" in reference or ":" in reference.rsplit("/", 1)[-1]
+        for event in self._stream("/images/create", {"fromImage": reference if tagged else reference + ":latest"},
+                                  read_timeout=None, method="POST"):
+            if event.get("error"):
+                raise ApiError(502, "CannotPullContainerError", str(event["error"])[:500])
+
+    def create(self, name: str, body: dict) -> str:
+        """docker create: the new container's ID."""
+        return self._send("POST", "/containers/create", {"name": name}, body)["Id"]
+
+    def start(self, container_id: str) -> None:
+        self._send("POST", f"/containers/{quote(container_id, safe='')}/start")
+
+    def stop(self, container_id: str, timeout: int) -> None:
+        """docker stop: the container's stop signal, then SIGKILL after timeout seconds."""
+        self._send("POST", f"/containers/{quote(container_id, safe='')}/stop", {"t": str(timeout)},
+                   read_timeout=timeout + DOCKER_TIMEOUT)
+
+    def remove(self, container_id: str) -> None:
+        """docker rm -f -v: the container and its anonymous volumes."""
+        self._send("DELETE", f"/containers/{quote(container_id, safe='')}", {"force": "1", "v": "1"})
+
+    def create_volume(self, body: dict) -> None:
+        self._send("POST", "/volumes/create", body=body)
+
+    def volume(self, name: str) -> dict:
+        """docker volume inspect; LookupError when there is none of that name."""
+        return self._get(f"/volumes/{quote(name, safe='')}")
+
+    def remove_volume(self, name: str) -> None:
+        self._send("DELETE", f"/volumes/{quote(name, safe='')}")
+
+    def logs(self, container_id: str, tty: bool) -> Iterator[tuple[int, bytes]]:
+        """A container's output from its start, followed until it stops: (1 stdout or 2 stderr, bytes).
+
+        Docker multiplexes the two streams of a container without a TTY in frames of an 8-byte
+        header (stream, 0, 0, 0, length as big-endian uint32) and the bytes.
+        """
+        session = self._new_session()
+        path = f"/containers/{quote(container_id, safe='')}/logs"
+        response = self._call(session, self._url(path), {"follow": "1", "stdout": "1", "stderr": "1"},
+                              stream=True, read_timeout=None)
+        try:
+            raw = response.raw
+            while True:
+                if tty:
+                    chunk = raw.read1(65536)
+                    if not chunk:
+                        return
+                    yield 1, chunk
+                    continue
+                header = raw.read(8)
+                if len(header) < 8:
+                    return
+                stream, length = header[0], int.from_bytes(header[4:], "big")
+                yield stream, raw.read(length)
+        except (requests.RequestException, OSError) as exc:
+            log.debug("log stream of %s ended: %s", container_id[:12], exc)
+        finally:
+            response.close()
+            session.close()
+
+    def task_events(self, task_arn: str) -> Iterator[dict]:
+        """Events of the containers of one task (their com.amazonaws.ecs.task-arn label), as they come."""
+        return self._stream("/events", {"filters": json.dumps({"type": ["container"],
+                                                               "label": [f"com.amazonaws.ecs.task-arn={task_arn}"]})},
+                            read_timeout=None)
+
     def _podman_stats(self, path: str) -> Iterator[dict]:
         """Podman's stats as Docker streams them: a sample a second, each with the one before.
 
@@ -719,9 +807,11 @@ class DockerClient:
                      "Docker's 127.0.0.11", self.podman)
 
     def _call(self, session: requests.Session, url: str, params: dict | None = None,
-              stream: bool = False, read_timeout: float | None = DOCKER_TIMEOUT) -> Any:
+              stream: bool = False, read_timeout: float | None = DOCKER_TIMEOUT, method: str = "GET",
+              body: dict | None = None) -> Any:
         try:
-            response = session.get(url, params=params, stream=stream, timeout=(DOCKER_TIMEOUT, read_timeout))
+            response = session.request(method, url, params=params, json=body, stream=stream,
+                                       timeout=(DOCKER_TIMEOUT, read_timeout))
         except (requests.ConnectionError, requests.Timeout) as exc:
             self.api_version = None   # the engine may come back as another version
             raise self._error(exc) from None
@@ -734,6 +824,8 @@ class DockerClient:
             raise ApiError(502, "DockerError", f"the Docker Engine answered {response.status_code}: {message}")
         if stream:
             return response
+        if not response.content:
+            return None   # 204: done
         try:
             return response.json()
         except ValueError:
@@ -749,14 +841,23 @@ class DockerClient:
         finally:
             self._session_lock.release()
 
-    def _stream(self, path: str, params: dict, read_timeout: float) -> Iterator[dict]:
-        """The JSON objects of a streaming endpoint (events, stats), on a connection of its own.
+    def _send(self, method: str, path: str, params: dict | None = None, body: dict | None = None,
+              read_timeout: float = DOCKER_TIMEOUT) -> Any:
+        """A call that changes something (`run`'s), on a connection of its own: a stop may take
+        the container's whole stop timeout, which must not hold up the shared connection."""
+        with contextlib.closing(self._new_session()) as session:
+            return self._call(session, self._url(path), params, read_timeout=read_timeout, method=method, body=body)
+
+    def _stream(self, path: str, params: dict, read_timeout: float | None, method: str = "GET") -> Iterator[dict]:
+        """The JSON objects of a streaming endpoint (events, stats, pull progress), on a connection
+        of its own.
 
         The connection is open when this returns, so nothing sent after that is missed.
         """
         session = self._new_session()
         try:
-            response = self._call(session, self._url(path), params, stream=True, read_timeout=read_timeout)
+            response = self._call(session, self._url(path), params, stream=True, read_timeout=read_timeout,
+                                  method=method)
         except BaseException:
             session.close()
             raise
@@ -1405,8 +1506,12 @@ class AwsIdentity:
         return self._client("sts").assume_role(RoleArn=arn, RoleSessionName=session_name,
                                                DurationSeconds=duration, **extra)["Credentials"]
 
+    def describe_task_definition(self, name: str) -> dict:
+        """ecs:DescribeTaskDefinition with its tags: {"taskDefinition": ..., "tags": [...]}."""
+        return self._client("ecs").describe_task_definition(taskDefinition=name, include=["TAGS"])
+
     def _client(self, service: str) -> Any:
-        """One STS and one IAM client, made once credentials resolve (they may appear later)."""
+        """One client per service, made once credentials resolve (they may appear later)."""
         with self._lock:
             if service not in self._clients:
                 frozen = self.base()[0]   # a client made without credentials would keep having none
@@ -1418,7 +1523,8 @@ class AwsIdentity:
             return self._clients[service]
 
     def _make_client(self, session: boto3.Session, service: str, **explicit: str) -> Any:
-        endpoint = self.config.sts_endpoint if service == "sts" else self.config.iam_endpoint
+        # Other services take botocore's own AWS_ENDPOINT_URL_<SERVICE> and AWS_ENDPOINT_URL.
+        endpoint = {"sts": self.config.sts_endpoint, "iam": self.config.iam_endpoint}.get(service)
         return session.client(
             service, region_name=self.region, endpoint_url=endpoint,
             config=botocore.config.Config(
@@ -1865,8 +1971,9 @@ class AuditTrail:
     the secret key or the token.
     """
 
-    def __init__(self, path: str | None, view: ContainerView, own_candidates: list[str]):
+    def __init__(self, path: str | None, view: ContainerView, own_candidates: list[str], task: str | None = None):
         self._view = view
+        self._task = task   # `run`'s task ARN: every record is of a request from that task
         self._own_candidates = own_candidates
         self._lock = threading.Lock()
         self._file = None
@@ -1916,6 +2023,8 @@ class AuditTrail:
             line = f"credentials route={safe(route)} caller={request.caller}"
             if container:
                 line += f" container={container}"
+            if self._task:
+                line += f" task={self._task}"
             if role:
                 line += f" role={safe(role)}"
             if credentials:
@@ -1938,6 +2047,8 @@ class AuditTrail:
             }
             if error:
                 entry["reason"] = error.message
+            if self._task:
+                entry["task"] = self._task
             with self._lock:
                 try:
                     self._file.write(json.dumps(entry) + "\n")
@@ -1975,6 +2086,7 @@ class TaskIdentity:
     launch_type: str
     availability_zone: str
     service_name: str | None
+    network_mode: str | None = None   # a task `run` started: its task definition's; else read off each network
 
 
 def task_identity(config: Config, project: str | None, service: str | None) -> TaskIdentity:
@@ -2082,12 +2194,12 @@ def interface_properties(container: dict, network: str, endpoint: dict, index: i
     return entry
 
 
-def networks_of(container: dict, version: int, launch_type: str) -> list[dict]:
+def networks_of(container: dict, version: int, launch_type: str, task_mode: str | None = None) -> list[dict]:
     """One entry per Docker network; v4 adds the ENI fields to awsvpc entries only, as the agent."""
     result = []
     endpoints = ((container.get("NetworkSettings") or {}).get("Networks") or {})
     for index, (name, endpoint) in enumerate(sorted(endpoints.items())):
-        mode = network_mode(name, launch_type)
+        mode = task_mode or network_mode(name, launch_type)
         entry: dict[str, Any] = {"NetworkMode": mode}
         if endpoint.get("IPAddress"):
             entry["IPv4Addresses"] = [endpoint["IPAddress"]]
@@ -2161,7 +2273,7 @@ def ecs_labels(task: TaskIdentity, name: str) -> dict[str, str]:
     """The Docker labels the ECS agent puts on every container of a task."""
     return {
         "com.amazonaws.ecs.cluster": cluster_arn(task),
-        "com.amazonaws.ecs.container-name": name,
+        ECS_CONTAINER_NAME: name,
         "com.amazonaws.ecs.task-arn": task.arn,
         "com.amazonaws.ecs.task-definition-family": task.family,
         "com.amazonaws.ecs.task-definition-version": task.revision,
@@ -2181,7 +2293,7 @@ def container_metadata(container: dict, version: int, task: TaskIdentity, health
     host_config = container.get("HostConfig") or {}
     labels = config.get("Labels") or {}
     status = known_status(state)
-    name = labels.get(COMPOSE_SERVICE) or container_name(container)
+    name = labels.get(ECS_CONTAINER_NAME) or labels.get(COMPOSE_SERVICE) or container_name(container)
     doc: dict[str, Any] = {
         "DockerId": container["Id"],
         "Name": name,
@@ -2225,7 +2337,7 @@ def container_metadata(container: dict, version: int, task: TaskIdentity, health
         snapshotter = (container.get("GraphDriver") or {}).get("Name")
         if task.launch_type == "FARGATE" and snapshotter:
             doc["Snapshotter"] = snapshotter
-    networks = networks_of(container, version, task.launch_type)
+    networks = networks_of(container, version, task.launch_type, task.network_mode)
     if networks:
         doc["Networks"] = networks
     return doc
@@ -2451,6 +2563,752 @@ class TaskProtection:
 
 
 # ---------------------------------------------------------------------------
+# Task definitions: pure functions from a task definition's JSON to Docker's
+# create bodies (the `run` command's plan; no Docker, no AWS)
+# ---------------------------------------------------------------------------
+
+ENDPOINTS_ADDRESS = "169.254.170.2"     # where the agent serves a task's endpoints, in every network mode
+NETWORK_MODES = ("awsvpc", "bridge", "host", "none")
+DEPENDENCY_CONDITIONS = ("START", "COMPLETE", "SUCCESS", "HEALTHY")
+DEFAULT_STOP_TIMEOUT = 30               # the agent's ECS_CONTAINER_STOP_TIMEOUT
+MAX_CPU_SHARES = 262144
+MIN_MEMORY_MIB = 4                      # Docker's floor, which the agent applies too
+HEALTH_CHECK_DEFAULTS = {"interval": 30, "timeout": 5, "retries": 3, "startPeriod": 0}
+PAUSE_NAME = "~internal~ecs~pause"
+DEFAULT_PAUSE_IMAGE = "registry.k8s.io/pause:3.10"   # the agent's own pause image is not published
+LOCAL_LOG_DRIVERS = ("json-file", "local", "none")
+NETNS_LABEL = "local-endpoints.netns-for"
+REGION_VARIABLES = frozenset({"AWS_REGION", "AWS_DEFAULT_REGION"})   # on a network-namespace holder: the container it holds it for
+
+
+class TaskDefinitionError(ValueError):
+    """A task definition ECS would refuse, or one `run` cannot read: the message names the field."""
+
+    def __init__(self, where: str, message: str):
+        super().__init__(f"{where}: {message}")
+
+
+def read_task_definition(document: Any) -> tuple[dict, dict[str, str]]:
+    """The task definition and its tags, from any of the shapes people keep: the input of
+    register-task-definition --cli-input-json, or the output of describe-task-definition
+    with or without its taskDefinition wrapper (tags as ECS lists them: key/value)."""
+    if not isinstance(document, dict):
+        raise TaskDefinitionError("task definition", "must be a JSON object")
+    tags = document.get("tags") or []
+    definition = document.get("taskDefinition", document)
+    if not isinstance(definition, dict):
+        raise TaskDefinitionError("taskDefinition", "must be a JSON object")
+    if not isinstance(tags, list) or not all(isinstance(t, dict) and "key" in t for t in tags):
+        raise TaskDefinitionError("tags", 'must be a list of {"key": ..., "value": ...}')
+    return definition, {str(t["key"]): str(t.get("value", "")) for t in tags}
+
+
+def parse_env_file(text: str) -> dict[str, str]:
+    """An environment file as ECS reads it: VARIABLE=VALUE lines; blank lines and lines
+    starting with # are skipped; everything after the first = is the value, as written."""
+    variables = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, equals, value = line.partition("=")
+        if not equals or not name.strip():
+            raise ValueError(f"line {number} is not VARIABLE=VALUE")
+        variables[name.strip()] = value
+    return variables
+
+
+def task_cpu_vcpu(value: Any) -> float | None:
+    """A task's cpu ("256", "1 vCPU", 1024) in vCPU, as Limits.CPU reports it."""
+    if value in (None, ""):
+        return None
+    text = str(value).strip().lower()
+    if text.endswith("vcpu"):
+        return float(text[:-4])
+    return int(text) / 1024
+
+
+def task_memory_mib(value: Any) -> int | None:
+    """A task's memory ("512", "1 GB", 2048) in MiB."""
+    if value in (None, ""):
+        return None
+    text = str(value).strip().lower()
+    if text.endswith("gb"):
+        return int(float(text[:-2]) * 1024)
+    return int(text)
+
+
+def agent_name(name: str) -> str:
+    """A name as the agent puts it in Docker names: what is not a letter, digit or - removed."""
+    return re.sub(r"[^A-Za-z0-9-]+", "", name)
+
+
+def docker_name(family: str, revision: str, name: str, suffix: str) -> str:
+    """The agent's Docker name: ecs-{family}-{revision}-{name}-{20 hex digits}."""
+    return f"ecs-{agent_name(family)}-{revision}-{agent_name(name)}-{suffix}"
+
+
+def dependency_order(containers: list[dict]) -> list[str]:
+    """Container names so that each comes after what it depends on (dependsOn, links,
+    volumesFrom), in the task definition's order otherwise; a cycle is a TaskDefinitionError."""
+    needs = {c["name"]: dependencies_of(c) for c in containers}
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if name in order:
+            return
+        if name in visiting:
+            cycle = " -> ".join(path[path.index(name):] + (name,))
+            raise TaskDefinitionError("containerDefinitions.dependsOn", f"dependencies form a cycle: {cycle}")
+        visiting.add(name)
+        for needed in needs[name]:
+            visit(needed, path + (name,))
+        visiting.discard(name)
+        order.append(name)
+    for c in containers:
+        visit(c["name"], ())
+    return order
+
+
+def dependencies_of(container: dict) -> dict[str, str]:
+    """What a container waits for: dependsOn's conditions, and the agent's implicit ones
+    (links: START; volumesFrom: the source must exist, so START here too)."""
+    needs = {link.split(":")[0]: "START" for link in container.get("links") or []}
+    needs.update({v["sourceContainer"]: "START" for v in container.get("volumesFrom") or []})
+    needs.update({d["containerName"]: d["condition"] for d in container.get("dependsOn") or []})
+    return needs
+
+
+def validate_task_definition(definition: dict) -> None:
+    """What ECS (its API or the agent) would refuse, before anything is created."""
+    mode = definition.get("networkMode") or "bridge"
+    if mode not in NETWORK_MODES:
+        raise TaskDefinitionError("networkMode", f"{mode!r} is not one of {', '.join(NETWORK_MODES)}")
+    containers = definition.get("containerDefinitions")
+    if not isinstance(containers, list) or not containers:
+        raise TaskDefinitionError("containerDefinitions", "a task definition needs at least one container")
+    if not definition.get("family"):
+        raise TaskDefinitionError("family", "a task definition needs a family")
+    by_name: dict[str, dict] = {}
+    for index, container in enumerate(containers):
+        where = f"containerDefinitions[{index}]"
+        if not isinstance(container, dict) or not container.get("name"):
+            raise TaskDefinitionError(f"{where}.name", "every container needs a name")
+        if container["name"] in by_name:
+            raise TaskDefinitionError(f"{where}.name", f"{container['name']!r} is used twice")
+        if not container.get("image"):
+            raise TaskDefinitionError(f"{where}.image", f"container {container['name']!r} needs an image")
+        by_name[container["name"]] = container
+    if not any(c.get("essential", True) for c in containers):
+        raise TaskDefinitionError("containerDefinitions", "at least one container must be essential")
+    volumes = {v.get("name") for v in definition.get("volumes") or []}
+    task_memory = task_memory_mib(definition.get("memory"))
+    fargate = "FARGATE" in (definition.get("requiresCompatibilities") or ())
+    for index, container in enumerate(containers):
+        where = f"containerDefinitions[{index}]"
+        validate_container(container, where, mode, by_name, volumes, task_memory)
+        if not (task_memory or fargate or container.get("memory") or container.get("memoryReservation")):
+            raise TaskDefinitionError(f"{where}.memory", f"container {container['name']!r} needs memory or "
+                                                         "memoryReservation when the task has no memory")
+    dependency_order(containers)
+
+
+def validate_container(container: dict, where: str, mode: str, by_name: dict[str, dict], volumes: set,
+                       task_memory: int | None) -> None:
+    name = container["name"]
+    for index, mapping in enumerate(container.get("portMappings") or []):
+        host_port = mapping.get("hostPort")
+        if mode in ("awsvpc", "host") and host_port not in (None, 0, mapping.get("containerPort")):
+            raise TaskDefinitionError(f"{where}.portMappings[{index}].hostPort",
+                                      f"in {mode} network mode hostPort must equal containerPort "
+                                      f"({mapping.get('containerPort')}), not {host_port}")
+    if container.get("links") and mode != "bridge":
+        raise TaskDefinitionError(f"{where}.links", f"links are for bridge network mode only, not {mode}")
+    if mode == "awsvpc":
+        for key in ("hostname", "extraHosts"):
+            if container.get(key):
+                raise TaskDefinitionError(f"{where}.{key}", "not supported in awsvpc network mode")
+    memory, reservation = container.get("memory"), container.get("memoryReservation")
+    if memory and reservation and reservation > memory:
+        raise TaskDefinitionError(f"{where}.memoryReservation",
+                                  f"{reservation} MiB is more than the container's memory ({memory} MiB)")
+    if memory and task_memory and memory > task_memory:
+        raise TaskDefinitionError(f"{where}.memory",
+                                  f"{memory} MiB is more than the task's memory ({task_memory} MiB)")
+    for key, targets in (("links", [link.split(":")[0] for link in container.get("links") or []]),
+                         ("volumesFrom", [v.get("sourceContainer") for v in container.get("volumesFrom") or []])):
+        for target in targets:
+            if target not in by_name:
+                raise TaskDefinitionError(f"{where}.{key}", f"no container named {target!r}")
+    for index, mount in enumerate(container.get("mountPoints") or []):
+        if mount.get("sourceVolume") not in volumes:
+            raise TaskDefinitionError(f"{where}.mountPoints[{index}].sourceVolume",
+                                      f"no volume named {mount.get('sourceVolume')!r} in volumes")
+    for index, dependency in enumerate(container.get("dependsOn") or []):
+        field_name = f"{where}.dependsOn[{index}]"
+        target, condition = dependency.get("containerName"), dependency.get("condition")
+        if target not in by_name:
+            raise TaskDefinitionError(f"{field_name}.containerName", f"no container named {target!r}")
+        if target == name:
+            raise TaskDefinitionError(f"{field_name}.containerName", f"{name!r} cannot depend on itself")
+        if condition not in DEPENDENCY_CONDITIONS:
+            raise TaskDefinitionError(f"{field_name}.condition",
+                                      f"{condition!r} is not one of {', '.join(DEPENDENCY_CONDITIONS)}")
+        if condition in ("COMPLETE", "SUCCESS") and by_name[target].get("essential", True):
+            raise TaskDefinitionError(f"{field_name}.condition",
+                                      f"{condition} cannot be used on essential container {target!r}")
+        if condition == "HEALTHY" and not by_name[target].get("healthCheck"):
+            raise TaskDefinitionError(f"{field_name}.condition",
+                                      f"HEALTHY needs a healthCheck on container {target!r}")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What the user chose on the command line."""
+    cluster: str                       # the cluster ARN
+    region: str
+    publish_address: str = "127.0.0.1"
+    pause_image: str = DEFAULT_PAUSE_IMAGE
+    env_file: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PlannedContainer:
+    """One Docker container of the plan: a task-definition container, or a network-namespace
+    holder (the awsvpc pause container, or one per container in the other modes)."""
+    name: str                     # the task definition's name, or PAUSE_NAME, or "{name} netns"
+    docker_name: str
+    body: dict                    # POST /containers/create's body
+    essential: bool = False
+    endpoint_id: str = ""         # the agent's V3EndpointID: in the container's metadata URIs
+    holder: str | None = None     # the docker name of the holder whose namespace it joins
+    depends_on: dict[str, str] = field(default_factory=dict)
+    stop_timeout: int = DEFAULT_STOP_TIMEOUT
+    start_timeout: int | None = None
+    links: dict[str, str] = field(default_factory=dict)   # a bridge holder's: alias -> container name
+    agent_region: bool = False    # the plan set AWS_REGION/AWS_DEFAULT_REGION (unless the image sets one)
+    definition: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def is_holder(self) -> bool:
+        return not self.definition
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    """Everything `run` will create for one task, worked out before anything is."""
+    identity: TaskIdentity
+    definition: dict
+    tags: dict[str, str]
+    credentials_id: str | None    # the path id of /v2/credentials/{id}, when the task has a role
+    holders: tuple[PlannedContainer, ...]
+    containers: tuple[PlannedContainer, ...]   # in dependency order
+    volumes: tuple[tuple[str, dict], ...]      # task-scoped Docker volumes: (name, POST /volumes/create body)
+    warnings: tuple[str, ...]
+
+    @property
+    def network_mode(self) -> str:
+        return self.identity.network_mode or "bridge"
+
+    def container(self, name: str) -> PlannedContainer:
+        return next(c for c in self.containers if c.name == name)
+
+    def images(self) -> list[str]:
+        return list(dict.fromkeys(c.body["Image"] for c in (*self.holders, *self.containers)))
+
+
+def plan_task(definition: dict, tags: dict[str, str], options: RunOptions,
+              random_hex: Callable[[], str] = lambda: secrets.token_hex(10),
+              new_id: Callable[[], str] = lambda: str(uuid.uuid4())) -> TaskPlan:
+    """The task `run` starts for a valid task definition: its identity, Docker bodies and order."""
+    validate_task_definition(definition)
+    family = definition["family"]
+    revision = str(definition.get("revision") or 1)
+    mode = definition.get("networkMode") or "bridge"
+    account = next((account_of(arn) for arn in (definition.get("taskDefinitionArn"),
+                                                definition.get("taskRoleArn"), definition.get("executionRoleArn"),
+                                                options.cluster) if arn and account_of(arn)), "111111111111")
+    task_id = new_id().replace("-", "")
+    cluster = options.cluster if options.cluster.startswith("arn:") else \
+        f"arn:aws:ecs:{options.region}:{account}:cluster/{options.cluster}"
+    compatibilities = definition.get("requiresCompatibilities") or definition.get("compatibilities") or ["EC2"]
+    identity = TaskIdentity(
+        cluster=cluster, arn=f"arn:aws:ecs:{options.region}:{account}:task/{cluster_name(cluster)}/{task_id}",
+        family=family, revision=revision, region=options.region, account=account, task_id=task_id,
+        launch_type="FARGATE" if "FARGATE" in compatibilities else "EC2",
+        availability_zone=f"{options.region}a", service_name=None, network_mode=mode)
+    warnings = []
+    volumes, sources = task_volumes(definition, identity, random_hex, warnings)
+    credentials_id = new_id() if definition.get("taskRoleArn") else None
+    by_name = {c["name"]: c for c in definition["containerDefinitions"]}
+    order = dependency_order(definition["containerDefinitions"])
+    names = {name: docker_name(family, revision, name, random_hex()) for name in order}
+    holders: list[PlannedContainer] = []
+    containers: list[PlannedContainer] = []
+    if mode == "awsvpc":
+        holders.append(holder_plan(PAUSE_NAME, docker_name(family, revision, "internalecspause", random_hex()),
+                                   list(by_name.values()), mode, identity, options, {}))
+    for name in order:
+        container = by_name[name]
+        holder = holders[0].docker_name if mode == "awsvpc" else None
+        if mode in ("bridge", "none"):
+            holders.append(holder_plan(f"{name} netns", names[name] + "-netns", [container], mode, identity,
+                                       options, links_of(container)))
+            holder = holders[-1].docker_name
+        endpoint_id = new_id()
+        body = container_body(container, identity, options, sources, names, holder, credentials_id, endpoint_id,
+                              warnings)
+        containers.append(PlannedContainer(
+            name=name, docker_name=names[name], body=body, essential=container.get("essential", True),
+            endpoint_id=endpoint_id, holder=holder, depends_on=dependencies_of(container),
+            stop_timeout=container.get("stopTimeout") or DEFAULT_STOP_TIMEOUT,
+            start_timeout=container.get("startTimeout"), definition=container,
+            agent_region=not REGION_VARIABLES & set(given_environment(container, options))))
+    return TaskPlan(identity, definition, {**tags, **options.tags}, credentials_id, tuple(holders),
+                    tuple(containers), tuple(volumes), tuple(warnings))
+
+
+def task_volumes(definition: dict, identity: TaskIdentity, random_hex: Callable[[], str], warnings: list[str]
+                 ) -> tuple[list[tuple[str, dict]], dict[str, str]]:
+    """The Docker volumes the task creates, and each task volume's source for a bind
+    (a host path, or a Docker volume's name)."""
+    created, sources = [], {}
+    for volume in definition.get("volumes") or []:
+        name = volume["name"]
+        host = volume.get("host") or {}
+        docker = volume.get("dockerVolumeConfiguration")
+        if host.get("sourcePath"):
+            sources[name] = host["sourcePath"]
+            continue
+        if docker and docker.get("scope") == "shared":
+            sources[name] = name   # created if missing when autoprovision says so (the runner checks)
+            continue
+        for remote in ("efsVolumeConfiguration", "fsxWindowsFileServerVolumeConfiguration"):
+            if volume.get(remote):
+                warnings.append(f"volume {name}: {remote} cannot be mounted here; a local volume stands in for it")
+        docker = docker or {}
+        docker_volume = docker_name(identity.family, identity.revision, name, random_hex())
+        created.append((docker_volume, {"Name": docker_volume, "Driver": docker.get("driver") or "local",
+                                        "DriverOpts": docker.get("driverOpts") or {},
+                                        "Labels": {**(docker.get("labels") or {}),
+                                                   "com.amazonaws.ecs.task-arn": identity.arn}}))
+        sources[name] = docker_volume
+    return created, sources
+
+
+def links_of(container: dict) -> dict[str, str]:
+    """links ("name" or "name:alias") as alias -> the container's name."""
+    return {(link.split(":") + [link])[1]: link.split(":")[0] for link in container.get("links") or []}
+
+
+def holder_plan(name: str, holder_name: str, served: list[dict], mode: str, identity: TaskIdentity,
+                options: RunOptions, links: dict[str, str]) -> PlannedContainer:
+    """A container that only holds a network namespace, started before the containers that join
+    it, so that the endpoints' address is in the namespace before their first instruction runs.
+    What Docker allows only on a namespace's owner (ports, hostname, DNS, hosts, network sysctls)
+    is set here."""
+    ports: dict[str, list[dict]] = {}
+    for container in served:
+        for mapping in container.get("portMappings") or []:
+            port = f"{mapping['containerPort']}/{mapping.get('protocol') or 'tcp'}"
+            host_port = mapping.get("hostPort") or (mapping["containerPort"] if mode == "awsvpc" else "")
+            ports.setdefault(port, []).append({"HostIp": options.publish_address, "HostPort": str(host_port)})
+    only = served[0] if len(served) == 1 else {}
+    host_config: dict[str, Any] = {
+        "NetworkMode": "none" if mode == "none" else "bridge",
+        "PortBindings": ports,
+        "Dns": only.get("dnsServers") or [],
+        "DnsSearch": only.get("dnsSearchDomains") or [],
+        "ExtraHosts": [f"{h['hostname']}:{h['ipAddress']}" for h in only.get("extraHosts") or []],
+        "Sysctls": {s["namespace"]: s["value"] for c in served for s in c.get("systemControls") or []
+                    if s["namespace"].startswith("net.")},
+        "LogConfig": {"Type": "none"},
+    }
+    labels = {**ecs_labels(identity, name), NETNS_LABEL: name}
+    return PlannedContainer(
+        name=name, docker_name=holder_name, essential=True, links=links,
+        body={"Image": options.pause_image, "Hostname": only.get("hostname") or "", "Labels": labels,
+              "ExposedPorts": {port: {} for port in ports}, "HostConfig": host_config})
+
+
+def agent_environment(identity: TaskIdentity, endpoint_id: str, credentials_id: str | None) -> dict[str, str]:
+    """The variables the agent (and ECS's backend) put in every container of a task."""
+    env = {}
+    if credentials_id:
+        env["AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"] = f"/v2/credentials/{credentials_id}"
+    env["ECS_CONTAINER_METADATA_URI"] = f"http://{ENDPOINTS_ADDRESS}/v3/{endpoint_id}"
+    env["ECS_CONTAINER_METADATA_URI_V4"] = f"http://{ENDPOINTS_ADDRESS}/v4/{endpoint_id}"
+    env["ECS_AGENT_URI"] = f"http://{ENDPOINTS_ADDRESS}/api/{endpoint_id}"
+    env["AWS_EXECUTION_ENV"] = "AWS_ECS_FARGATE" if identity.launch_type == "FARGATE" else "AWS_ECS_EC2"
+    return env
+
+
+def given_environment(container: dict, options: RunOptions) -> dict[str, str]:
+    """--env-file's variables, then the task definition's environment, which wins."""
+    return {**options.env_file, **{e["name"]: str(e.get("value", "")) for e in container.get("environment") or []}}
+
+
+def container_environment(container: dict, identity: TaskIdentity, options: RunOptions, endpoint_id: str,
+                          credentials_id: str | None) -> list[str]:
+    """The agent's variables, then the given ones; the region variables unless the given ones set
+    either (the runner also leaves them out for an image that sets either: without_agent_region)."""
+    given = given_environment(container, options)
+    env = agent_environment(identity, endpoint_id, credentials_id)
+    if not REGION_VARIABLES & set(given):
+        env.update(dict.fromkeys(sorted(REGION_VARIABLES), identity.region))
+    env.update(given)
+    return [f"{name}={value}" for name, value in env.items()]
+
+
+def without_agent_region(body: dict, image_env: list[str]) -> dict:
+    """A create body without the region variables the plan added, for an image whose ENV sets
+    either: the agent leaves the image's value in place."""
+    if not any(entry.split("=", 1)[0] in REGION_VARIABLES for entry in image_env):
+        return body
+    return {**body, "Env": [e for e in body["Env"] if e.split("=", 1)[0] not in REGION_VARIABLES]}
+
+
+def seconds_ns(seconds: float) -> int:
+    return int(seconds * 1_000_000_000)
+
+
+def health_check_body(check: dict) -> dict:
+    """healthCheck with the API's defaults, as Docker's Healthcheck (durations in nanoseconds)."""
+    check = {**HEALTH_CHECK_DEFAULTS, **check}
+    return {"Test": list(check["command"]), "Interval": seconds_ns(check["interval"]),
+            "Timeout": seconds_ns(check["timeout"]), "Retries": check["retries"],
+            "StartPeriod": seconds_ns(check["startPeriod"])}
+
+
+def container_body(container: dict, identity: TaskIdentity, options: RunOptions, sources: dict[str, str],
+                   names: dict[str, str], holder: str | None, credentials_id: str | None, endpoint_id: str,
+                   warnings: list[str]) -> dict:
+    """POST /containers/create's body for one container definition, as the agent and ECS's
+    backend form it; a container in a holder's namespace leaves the network settings to it."""
+    name = container["name"]
+    linux = container.get("linuxParameters") or {}
+    memory, swap = container.get("memory"), linux.get("maxSwap")
+    host_config: dict[str, Any] = {
+        "NetworkMode": f"container:{holder}" if holder else "host",
+        "CpuShares": min(max(container.get("cpu") or 0, MINIMUM_CPU_UNITS), MAX_CPU_SHARES),
+        "Binds": [f"{sources[m['sourceVolume']]}:{m['containerPath']}" + (":ro" if m.get("readOnly") else "")
+                  for m in container.get("mountPoints") or []],
+        "VolumesFrom": [names[v["sourceContainer"]] + (":ro" if v.get("readOnly") else "")
+                        for v in container.get("volumesFrom") or []],
+        "Privileged": bool(container.get("privileged")),
+        "ReadonlyRootfs": bool(container.get("readonlyRootFilesystem")),
+        "Ulimits": [{"Name": u["name"], "Soft": u["softLimit"], "Hard": u["hardLimit"]}
+                    for u in container.get("ulimits") or []],
+        "Sysctls": {s["namespace"]: s["value"] for s in container.get("systemControls") or []
+                    if holder is None or not s["namespace"].startswith("net.")},
+        "CapAdd": list((linux.get("capabilities") or {}).get("add") or []),
+        "CapDrop": list((linux.get("capabilities") or {}).get("drop") or []),
+        "Devices": [{"PathOnHost": d["hostPath"], "PathInContainer": d.get("containerPath") or d["hostPath"],
+                     "CgroupPermissions": "".join(p[0] for p in d.get("permissions") or ["read", "write", "mknod"])}
+                    for d in linux.get("devices") or []],
+        "Tmpfs": {t["containerPath"]: ",".join([f"size={t['size']}m", *(t.get("mountOptions") or [])])
+                  for t in linux.get("tmpfs") or []},
+        "LogConfig": local_log_config(container, warnings),
+    }
+    if memory:
+        host_config["Memory"] = max(memory, MIN_MEMORY_MIB) * 1024 * 1024
+        if swap is not None:
+            host_config["MemorySwap"] = host_config["Memory"] + swap * 1024 * 1024
+            host_config["MemorySwappiness"] = linux.get("swappiness", 60)
+    if container.get("memoryReservation"):
+        host_config["MemoryReservation"] = container["memoryReservation"] * 1024 * 1024
+    if linux.get("initProcessEnabled"):
+        host_config["Init"] = True
+    if linux.get("sharedMemorySize"):
+        host_config["ShmSize"] = linux["sharedMemorySize"] * 1024 * 1024
+    if holder is None:   # host mode: the container owns its (the host's) network settings
+        host_config.update({"Dns": container.get("dnsServers") or [],
+                            "DnsSearch": container.get("dnsSearchDomains") or [],
+                            "ExtraHosts": [f"{h['hostname']}:{h['ipAddress']}"
+                                           for h in container.get("extraHosts") or []]})
+    body: dict[str, Any] = {
+        "Image": container["image"],
+        "Env": container_environment(container, identity, options, endpoint_id, credentials_id),
+        "Labels": {**(container.get("dockerLabels") or {}), **ecs_labels(identity, name)},
+        "HostConfig": host_config,
+        "StopTimeout": container.get("stopTimeout") or DEFAULT_STOP_TIMEOUT,
+    }
+    for key, docker_key in (("entryPoint", "Entrypoint"), ("command", "Cmd"), ("workingDirectory", "WorkingDir"),
+                            ("user", "User")):
+        if container.get(key):
+            body[docker_key] = container[key]
+    if holder is None and container.get("hostname"):
+        body["Hostname"] = container["hostname"]
+    if container.get("healthCheck"):
+        body["Healthcheck"] = health_check_body(container["healthCheck"])
+    if container.get("interactive"):
+        body["OpenStdin"] = True
+    if container.get("pseudoTerminal"):
+        body["Tty"] = True
+    return body
+
+
+def local_log_config(container: dict, warnings: list[str]) -> dict:
+    """Logs stay on this machine, where `run` streams them: a driver that sends them
+    elsewhere (awslogs, firelens, splunk, ...) is replaced by json-file, with a warning."""
+    log_configuration = container.get("logConfiguration") or {}
+    driver = log_configuration.get("logDriver")
+    if driver in LOCAL_LOG_DRIVERS:
+        return {"Type": driver, "Config": log_configuration.get("options") or {}}
+    if driver:
+        warnings.append(f"container {container['name']}: log driver {driver} sends logs off this machine; "
+                        "they are kept locally (json-file) and shown here instead")
+    return {"Type": "json-file", "Config": {}}
+
+
+# ---------------------------------------------------------------------------
+# run: one task's containers, started, watched and stopped as the ECS agent does
+# ---------------------------------------------------------------------------
+
+STATUS_ORDER = ("NONE", "PULLED", "CREATED", "RUNNING", "STOPPED")
+CLONE_NEWNET = 0x40000000
+SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFADDR, SIOCSIFNETMASK = 0x8913, 0x8914, 0x8916, 0x891C
+ENDPOINTS_ALIAS = b"lo:ecs"              # the loopback alias that carries the endpoints' address
+DEPENDENCY_EXIT_CODE = 143               # the agent's exit code for a container whose dependency failed
+
+
+def interface_request(name: bytes, address: str | None = None, flags: int = 0) -> bytes:
+    """struct ifreq: the interface's name, then an IPv4 sockaddr or the flags (40 bytes on Linux)."""
+    if address is not None:
+        return struct.pack("16sHH4s16x", name, socket.AF_INET, 0, socket.inet_aton(address))
+    return struct.pack("16sH22x", name, flags)
+
+
+def add_endpoints_address() -> bool:
+    """169.254.170.2/32 on this thread's network namespace's loopback, as an alias (what
+    `ip address add 169.254.170.2/32 dev lo label lo:ecs` does); False when it was there."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((ENDPOINTS_ADDRESS, 0))
+            return False
+        except OSError as exc:
+            if exc.errno != errno.EADDRNOTAVAIL:
+                raise
+        fcntl.ioctl(probe, SIOCSIFADDR, interface_request(ENDPOINTS_ALIAS, ENDPOINTS_ADDRESS))
+        fcntl.ioctl(probe, SIOCSIFNETMASK, interface_request(ENDPOINTS_ALIAS, "255.255.255.255"))
+        return True
+
+
+def remove_endpoints_address() -> None:
+    """Take the alias down, which removes its address."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        fcntl.ioctl(probe, SIOCSIFFLAGS, interface_request(ENDPOINTS_ALIAS, flags=0))
+
+
+def in_network_namespace(pid: int | None, work: Callable[[], Any]) -> Any:
+    """work() run in the network namespace of process pid (None: this process's), on a thread
+    of its own: setns(2) moves only the calling thread, and that thread then ends."""
+    outcome: dict[str, Any] = {}
+
+    def enter() -> None:
+        try:
+            if pid is not None:
+                with open(f"/proc/{pid}/ns/net", "rb") as namespace:
+                    if ctypes.CDLL(None, use_errno=True).setns(namespace.fileno(), CLONE_NEWNET) != 0:
+                        raise OSError(ctypes.get_errno(), f"setns into the network namespace of pid {pid}: "
+                                                          f"{os.strerror(ctypes.get_errno())}")
+            outcome["value"] = work()
+        except OSError as exc:
+            outcome["error"] = exc
+    thread = threading.Thread(target=enter, name="netns")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def endpoints_socket(port: int) -> tuple[socket.socket, bool]:
+    """A listening socket at 169.254.170.2:port in this thread's namespace, and whether the
+    address was added for it."""
+    added = add_endpoints_address()
+    listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((ENDPOINTS_ADDRESS, port))
+        listening.listen(128)
+    except OSError:
+        listening.close()
+        if added:
+            remove_endpoints_address()
+        raise
+    return listening, added
+
+
+class TaskStopping(Exception):
+    """The task is to stop: reason is ECS's stopped reason, exit_code what `run` exits with."""
+
+    def __init__(self, reason: str, exit_code: int):
+        super().__init__(reason)
+        self.reason = reason
+        self.exit_code = exit_code
+
+
+@dataclass
+class ContainerRun:
+    """One container of the task as it goes: the plan, its Docker ID and latest inspect."""
+    planned: PlannedContainer
+    docker_id: str | None = None
+    inspect: dict | None = None
+    known: str = "NONE"
+    reason: str = ""          # why it stopped without running (a dependency), as the agent says
+
+    @property
+    def exit_code(self) -> int | None:
+        if self.known != "STOPPED":
+            return None
+        return (self.inspect or {}).get("State", {}).get("ExitCode", DEPENDENCY_EXIT_CODE)
+
+    def health(self) -> str:
+        return (((self.inspect or {}).get("State") or {}).get("Health") or {}).get("Status", "")
+
+
+class TaskRun:
+    """The runner's state, in one place: what the runner changes and the endpoints read.
+
+    Every change makes a new Snapshot of the task's containers as they see themselves (a
+    container in a holder's namespace with the holder's addresses and ports), so responses
+    built from one are memoized as for the server's own view.
+    """
+
+    def __init__(self, plan: TaskPlan):
+        self.plan = plan
+        self.containers = {c.docker_name: ContainerRun(c) for c in (*plan.holders, *plan.containers)}
+        self.by_endpoint = {c.endpoint_id: c.docker_name for c in plan.containers}
+        self.desired = "RUNNING"
+        self.stopped_reason = ""
+        self.pull_started: str | None = None
+        self.pull_stopped: str | None = None
+        self.changed = threading.Condition()
+        self.snapshot = Snapshot({}, {})
+
+    def by_name(self, name: str) -> ContainerRun:
+        return next(c for c in self.containers.values() if c.planned.name == name)
+
+    def update(self, docker_name: str, inspect: dict | None = None, known: str | None = None,
+               reason: str = "") -> None:
+        with self.changed:
+            run = self.containers[docker_name]
+            if inspect is not None:
+                run.inspect, run.docker_id = inspect, inspect["Id"]
+                run.known = known_status(inspect.get("State") or {})
+            if known is not None:
+                run.known = known
+            run.reason = reason or run.reason
+            self._snapshot()
+            self.changed.notify_all()
+
+    def stop(self, reason: str) -> None:
+        with self.changed:
+            if self.desired != "STOPPED":
+                self.desired, self.stopped_reason = "STOPPED", reason
+            self._snapshot()
+            self.changed.notify_all()
+
+    def known_status(self) -> str:
+        """The task's: the least advanced of its containers', as the agent works it out."""
+        return min((c.known for c in self.containers.values()), key=STATUS_ORDER.index)
+
+    def _snapshot(self) -> None:
+        seen = {}
+        for run in self.containers.values():
+            if run.inspect is not None:
+                seen[run.docker_id] = self._as_seen(run)
+        self.snapshot = Snapshot(seen, {}, health_transitions(self.snapshot.health, seen))
+
+    def _as_seen(self, run: ContainerRun) -> dict:
+        holder = next((c for c in self.containers.values() if c.planned.docker_name == run.planned.holder), None)
+        if holder is None or holder.inspect is None:
+            return run.inspect
+        return {**run.inspect, "NetworkSettings": holder.inspect.get("NetworkSettings") or {}}
+
+    def visible(self) -> list[ContainerRun]:
+        """The task's containers as its metadata lists them: the awsvpc pause container too for EC2
+        task definitions (the agent lists it), not for Fargate ones (Fargate shows none)."""
+        return [c for c in self.containers.values() if c.inspect is not None and (
+            not c.planned.is_holder or (c.planned.name == PAUSE_NAME and self.plan.identity.launch_type != "FARGATE"))]
+
+    def locate(self, identifier: str | None, namespace: frozenset[str]) -> tuple[Snapshot, dict]:
+        """The container a request names (its V3EndpointID, or as the server matches names) or,
+        without one, the one container of the namespace the request came from."""
+        snapshot = self.snapshot
+        if identifier in self.by_endpoint:
+            found = [self.containers[self.by_endpoint[identifier]]]
+        elif identifier:
+            ids = {c["Id"] for c in match_identifier(snapshot, identifier, None)}
+            found = [c for c in self.visible() if c.docker_id in ids]
+        else:
+            found = [c for c in self.visible() if c.planned.name in namespace]
+        found = [c for c in found if c.docker_id in snapshot.containers]
+        if len(found) != 1:
+            raise ApiError(404, "ContainerNotFound" if not found else "AmbiguousContainer",
+                           f"no container of task {self.plan.identity.task_id} matches {identifier!r}" if identifier
+                           else "several containers share this network namespace: name one, as "
+                                "ECS_CONTAINER_METADATA_URI_V4 does")
+        return snapshot, snapshot.containers[found[0].docker_id]
+
+    def planned_for(self, container: dict) -> PlannedContainer:
+        return next(c.planned for c in self.containers.values() if c.docker_id == container["Id"])
+
+
+def run_container_metadata(container: dict, planned: PlannedContainer, desired: str, version: int,
+                           identity: TaskIdentity, health_since: str | None) -> dict:
+    """A container of a task `run` started, as the agent describes it: its task-definition name,
+    the task's desired status, the pause container's type, the log driver the task definition asks for."""
+    doc = container_metadata(container, version, identity, health_since)
+    doc["Name"] = planned.name
+    doc["DesiredStatus"] = desired
+    if planned.is_holder:
+        doc["Type"] = "CNI_PAUSE"
+    log_configuration = planned.definition.get("logConfiguration") or {}
+    if version >= 4 and log_configuration.get("logDriver"):
+        doc["LogDriver"] = log_configuration["logDriver"]
+        doc.pop("LogOptions", None)
+        if log_configuration.get("options"):
+            doc["LogOptions"] = dict(log_configuration["options"])
+    return doc
+
+
+def run_task_metadata(base: dict, task: TaskRun, version: int, with_tags: bool) -> dict:
+    """The task object of a `run` task: task_metadata's, with what the task definition and the
+    runner know (statuses, limits, pull times, tags, fault injection)."""
+    plan = task.plan
+    doc = {**base, "DesiredStatus": task.desired, "KnownStatus": task.known_status()}
+    limits = {k: v for k, v in (("CPU", task_cpu_vcpu(plan.definition.get("cpu"))),
+                                ("Memory", task_memory_mib(plan.definition.get("memory")))) if v}
+    if limits:
+        doc["Limits"] = limits
+    for key, value in (("PullStartedAt", task.pull_started), ("PullStoppedAt", task.pull_stopped)):
+        if value:
+            doc[key] = value
+    doc.pop("TaskTags", None)
+    doc.pop("ContainerInstanceTags", None)
+    if with_tags and plan.tags:
+        doc["TaskTags"] = dict(plan.tags)
+    if version >= 4:
+        doc["FaultInjectionEnabled"] = bool(plan.definition.get("enableFaultInjection"))
+    return doc
+
+
+def trust_policy_advice(role_arn: str, caller_arn: str | None) -> str:
+    """What to add to a role's trust policy so that the developer's identity may assume it."""
+    statement = {"Effect": "Allow", "Principal": {"AWS": caller_arn or "arn:aws:iam::ACCOUNT:user/YOU"},
+                 "Action": "sts:AssumeRole"}
+    return (f"to run this task locally, let your identity assume {role_arn}: add this statement to the "
+            f"role's trust policy (IAM console, Roles, Trust relationships):\n{json.dumps(statement, indent=2)}")
+
+
+def now_text() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+# ---------------------------------------------------------------------------
 # Stats: one streaming collector per container, as the ECS agent keeps
 # ---------------------------------------------------------------------------
 
@@ -2609,6 +3467,7 @@ class Guard(enum.Enum):
     IMDS_SESSION = ("IMDS on, an allowed network, and a live IMDSv2 session token (none where "
                     "ECS_LOCAL_IMDS_V1 allows IMDSv1); SDKs send IMDS no Authorization header")
     IMDS = "IMDS on and an allowed network: the session token request itself"
+    TASK_ID = "the credentials id `run` gave the task's containers (unguessable, as the ECS agent's); no network check"
 
 
 @dataclass
@@ -2618,6 +3477,7 @@ class Request:
     headers: email.message.Message
     received: float             # time.monotonic() when the request line arrived
     body: bytes = b""           # only routes with body=True read one
+    namespace: frozenset[str] = frozenset()   # `run`: the containers of the network namespace it came from
 
     @property
     def authorization(self) -> str | None:
@@ -2643,9 +3503,10 @@ class Endpoints:
     """The handlers: one small method per route, each returning a JSON-able body, metadata
     already encoded as JSON bytes (memoized per Docker snapshot), or a Response."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, task: TaskRun | None = None, identity: AwsIdentity | None = None):
         self.config = config
-        self.identity = AwsIdentity(config)
+        self.task_run = task   # `run`'s task: the only task these endpoints then serve
+        self.identity = identity or AwsIdentity(config)
         self.vendor = CredentialVendor(self.identity, config)
         self.docker = DockerClient(config.docker_host)
         self.stats = StatsHub(self.docker, eager=config.stats == "EAGER")
@@ -2654,7 +3515,8 @@ class Endpoints:
         self.container_override = JsonOverride(config.container_metadata_path)
         self.task_override = JsonOverride(config.task_metadata_path)
         self._own_candidates = own_container_candidates(config)
-        self.audit = AuditTrail(config.audit_log, self.view, self._own_candidates)
+        self.audit = AuditTrail(config.audit_log, self.view, self._own_candidates,
+                                task.plan.identity.arn if task else None)
         self.imds_on = config.imds == "ON" or (config.imds == "AUTO" and not self.policy.token_required)
         self.imds_role_name = (config.imds_role or IMDS_DEFAULT_ROLE).rsplit("/", 1)[-1]
         self.imds_tokens = ImdsTokens()
@@ -2664,17 +3526,23 @@ class Endpoints:
     # -- credentials ---------------------------------------------------------
 
     def creds(self, request: Request) -> bytes:
-        return self._vend(request, "/creds", self.vendor.own)
+        return self._vend(self.vendor.own)
 
     def role(self, request: Request) -> bytes:
         name = request.params["name"]
-        return self._vend(request, f"/role/{name}", functools.partial(self.vendor.role, name))
+        return self._vend(functools.partial(self.vendor.role, name))
 
     def role_arn(self, request: Request) -> bytes:
         arn = request.params["arn"]
-        return self._vend(request, f"/role-arn/{arn}", functools.partial(self.vendor.role_arn, arn))
+        return self._vend(functools.partial(self.vendor.role_arn, arn))
 
-    def _vend(self, request: Request, route: str, issue: Callable[[], Issued]) -> Vended:
+    def task_credentials(self, request: Request) -> Vended:
+        """/v2/credentials/{id}: the task role of the task `run` started, for its containers,
+        which alone are given the id (Guard.TASK_ID)."""
+        role = self.task_run.plan.definition["taskRoleArn"]
+        return self._vend(functools.partial(self.vendor.role_arn, role))
+
+    def _vend(self, issue: Callable[[], Issued]) -> Vended:
         issued = issue()
         return Vended(issued, credentials_body(issued.credentials))
 
@@ -2697,6 +3565,13 @@ class Endpoints:
             return
         if guard is Guard.TOKEN:
             self.policy.check(request.caller, request.authorization)
+            return
+        if guard is Guard.TASK_ID:   # answered as the agent answers other ids
+            if not request.params.get("id"):
+                raise ApiError(400, "NoIdInRequest", "CredentialsV2Request: No Credential ID in the request")
+            task = self.task_run
+            if task is None or not hmac.compare_digest(request.params["id"], task.plan.credentials_id or ""):
+                raise ApiError(400, "InvalidIdInRequest", "CredentialsV2Request: Credentials not found")
             return
         # IMDS answers only when on, to allowed callers, and but for the token request itself
         # only with a live session token (or none at all where IMDSv1 is allowed).
@@ -2825,6 +3700,8 @@ class Endpoints:
         A lookup that finds nothing looks again at a fresh snapshot: a container that
         has just started may ask before Docker's start event has reached the view.
         """
+        if self.task_run is not None:
+            return (*self.task_run.locate(request.params.get("ident"), request.namespace), None)
         snapshot = self.view.snapshot()
         found, own_id = self._match(snapshot, request)
         if not found:
@@ -2844,12 +3721,19 @@ class Endpoints:
         return snapshot, found[0], own_id
 
     def _task_identity(self, caller: dict) -> TaskIdentity:
+        if self.task_run is not None:
+            return self.task_run.plan.identity
         labels = labels_of(caller)
         return task_identity(self.config, labels.get(COMPOSE_PROJECT), labels.get(COMPOSE_SERVICE))
 
     def _container_doc(self, snapshot: Snapshot, container: dict, version: int, task: TaskIdentity) -> dict:
         since = snapshot.health.get(container["Id"], ("", None))[1]
-        return deep_merge(container_metadata(container, version, task, since), self.container_override.value)
+        if self.task_run is not None:
+            doc = run_container_metadata(container, self.task_run.planned_for(container), self.task_run.desired,
+                                         version, task, since)
+        else:
+            doc = container_metadata(container, version, task, since)
+        return deep_merge(doc, self.container_override.value)
 
     def _memoized(self, snapshot: Snapshot, key: tuple, build: Callable[[], dict]) -> bytes:
         """A metadata response encoded once per snapshot and override-file generation:
@@ -2878,13 +3762,21 @@ class Endpoints:
 
         def build() -> dict:
             task = self._task_identity(caller)
-            members = task_members(snapshot, caller, own_id)
+            members = self._members(snapshot, caller, own_id)
             containers = [self._container_doc(snapshot, c, version, task) for c in members]
             doc = task_metadata(members, version, task, self.config, with_tags, containers)
+            if self.task_run is not None:
+                doc = run_task_metadata(doc, self.task_run, version, with_tags)
             return deep_merge(doc, self.task_override.value)
         # Fargate's ClockDrift is a reading of the clock: taken again each minute.
         minute = int(time.time() // 60) if self.config.launch_type == "FARGATE" and version >= 4 else 0
         return self._memoized(snapshot, ("task", version, caller["Id"], with_tags, minute), build)
+
+    def _members(self, snapshot: Snapshot, caller: dict, own_id: str | None) -> list[dict]:
+        if self.task_run is not None:
+            return [snapshot.containers[c.docker_id] for c in self.task_run.visible()
+                    if c.docker_id in snapshot.containers]
+        return task_members(snapshot, caller, own_id)
 
     def container_stats(self, request: Request) -> dict:
         _, caller, _ = self._locate(request)
@@ -2900,7 +3792,7 @@ class Endpoints:
         """Full Docker ID -> stats for the task's containers; null (v2/v3) or {} (v4) when unavailable."""
         version = request.params["version"]
         snapshot, caller, own_id = self._locate(request)
-        members = task_members(snapshot, caller, own_id)
+        members = self._members(snapshot, caller, own_id)
         samples = self.stats.samples([c["Id"] for c in members if c["State"].get("Running")])
         empty = {} if version >= 4 else None
         return {c["Id"]: stats_document(samples[c["Id"]], version) if samples.get(c["Id"]) else empty
@@ -2920,6 +3812,8 @@ class Endpoints:
 
     def _live_tasks(self) -> set[str] | None:
         """ARNs of the tasks that still have containers, stopped or not; None while Docker is unreachable."""
+        if self.task_run is not None:
+            return {self.task_run.plan.identity.arn}
         if not self.view.reachable:
             return None
         return {self._task_identity(c).arn for c in self.view.current().containers.values()}
@@ -2952,12 +3846,20 @@ class Route:
     pattern: re.Pattern
     converters: dict[str, Callable[[str], Any]]
 
+    def loggable(self, path: str, params: dict[str, Any]) -> str:
+        """The path as logs and the audit trail show it: {name:secret} parameters masked."""
+        for name in re.findall(r"\{(\w+):secret\}", self.rule):
+            if params.get(name):
+                path = path.replace(params[name], "{" + name + "}")
+        return path
+
 
 # Words that name a route under /v3 and /v4, so never a container identifier.
 RESERVED_WORDS = ("task", "taskWithTags", "stats", "containers")
 
 SEGMENT_PATTERNS = {
     "": r"[^/]+",                 # {name}: one path segment
+    "secret": r"[^/]+",           # {name:secret}: one segment that is a capability: never logged
     "path": r".+",                # {name:path}: the rest of the path, slashes included
     "container": rf"(?!(?:{'|'.join(RESERVED_WORDS)})(?:/|$))[^/]+",   # {name:container}
 }
@@ -2999,6 +3901,8 @@ ROUTES: tuple[Route, ...] = (
     route("GET", "/creds", Endpoints.creds, guard=Guard.TOKEN, audited=True),
     route("GET", "/role/{name}", Endpoints.role, guard=Guard.TOKEN, audited=True),
     route("GET", "/role-arn/{arn:path}", Endpoints.role_arn, guard=Guard.TOKEN, audited=True),
+    # The agent's task role route, for tasks `run` started: the unguessable id is the guard, as on ECS.
+    route("GET", "/v2/credentials[/{id:secret}]", Endpoints.task_credentials, guard=Guard.TASK_ID, audited=True),
     route("GET", "/health", Endpoints.health),
     route("GET", "/v{version:2}/metadata", Endpoints.task),
     route("GET", "/v{version:2}/metadataWithTags", Endpoints.task_with_tags),
@@ -3180,7 +4084,8 @@ class RequestHandler(BaseHTTPRequestHandler):
             chosen, params = resolve(self.command, path)
         except ApiError as exc:
             return exc.response(), False   # no route: nothing to guard or audit
-        request = Request(params, plain_ip(self.client_address[0]), self.headers, self._started)
+        request = Request(params, plain_ip(self.client_address[0]), self.headers, self._started,
+                          namespace=self.server.namespace)
         issued = error = None
         try:
             if body_sent:
@@ -3202,7 +4107,8 @@ class RequestHandler(BaseHTTPRequestHandler):
             error = ApiError(500, "InternalError", "internal error in local-endpoints; see its log")
             response = error.response()
         if chosen.audited:
-            endpoints.audit.record(request, path, issued, error, endpoints.role_asked(request))
+            endpoints.audit.record(request, chosen.loggable(path, request.params), issued, error,
+                                   endpoints.role_asked(request))
         return response, chosen.audited
 
     def read_body(self) -> bytes:
@@ -3253,14 +4159,22 @@ class EndpointsServer(ThreadingHTTPServer):
     block_on_close = False   # stopping must not wait for idle keep-alive clients
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], endpoints: Endpoints, max_connections: int):
+    def __init__(self, address: tuple[str, int], endpoints: Endpoints, max_connections: int,
+                 listening: socket.socket | None = None, namespace: frozenset[str] = frozenset()):
+        """listening: a socket already bound and listening (`run` makes one inside a task's network
+        namespace), which then serves the containers named in namespace."""
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.endpoints = endpoints
+        self.namespace = namespace
         self._slots = threading.BoundedSemaphore(max_connections)
         # Handler -> when its current read or write must be done; see reap().
         self.deadlines: dict[RequestHandler, float] = {}
         self._date: tuple[int, str] = (0, "")   # (second, Date header value of that second)
-        super().__init__(address, RequestHandler)
+        super().__init__(address, RequestHandler, bind_and_activate=listening is None)
+        if listening is not None:
+            self.socket.close()
+            self.socket = listening
+            self.server_name, self.server_port = listening.getsockname()[:2]
         threading.Thread(target=self.reap, name="reaper", daemon=True).start()
 
     def date(self) -> str:
@@ -3329,6 +4243,353 @@ class EndpointsServer(ThreadingHTTPServer):
 
 
 # ---------------------------------------------------------------------------
+# run: the command
+# ---------------------------------------------------------------------------
+
+def dependency_verdict(condition: str, dependency: ContainerRun, now: datetime) -> tuple[str, str]:
+    """Whether a dependency's condition is "met", to "wait" for, or "failed" (with the agent's reason)."""
+    name, known = dependency.planned.name, dependency.known
+    if dependency.reason:
+        return "failed", f"dependency graph: container {name} did not start: {dependency.reason}"
+    if condition == "START" and known in ("RUNNING", "STOPPED"):
+        return "met", ""
+    if condition == "COMPLETE" and known == "STOPPED":
+        return "met", ""
+    if condition == "SUCCESS" and known == "STOPPED":
+        if dependency.exit_code == 0:
+            return "met", ""
+        return "failed", f"dependency graph: container {name} exited with code {dependency.exit_code}, not 0"
+    if condition == "HEALTHY":
+        if dependency.health() == "healthy":
+            return "met", ""
+        if known == "STOPPED":
+            return "failed", f"dependency graph: container {name} stopped before it was healthy"
+    started = parse_docker_time(((dependency.inspect or {}).get("State") or {}).get("StartedAt"))
+    timeout = dependency.planned.start_timeout
+    if condition != "START" and timeout and started and (now - started).total_seconds() > timeout:
+        return "failed", f"dependency graph: container {name} did not reach {condition} within its " \
+                         f"startTimeout of {timeout} s"
+    return "wait", ""
+
+
+class TaskRunner:
+    """`run TASKDEF`: the task's containers created, started in dependency order, watched, and
+    stopped and removed as the ECS agent does; the endpoints served in each network namespace
+    at 169.254.170.2:80.  Docker is called only through DockerClient; the state is the TaskRun."""
+
+    def __init__(self, endpoints: Endpoints, task: TaskRun, out: Any = None, err: Any = None):
+        self.endpoints = endpoints
+        self.docker = endpoints.docker
+        self.task = task
+        self.plan = task.plan
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.stopping = threading.Event()       # Ctrl-C or SIGTERM: stop as ECS does
+        self.hurry = threading.Event()          # a second one: no stop timeouts
+        self.signal_exit = 130
+        self.servers: list[EndpointsServer] = []
+        self.host_address_added = False
+        self.log_threads: list[threading.Thread] = []
+        self._print = threading.Lock()
+        self._refreshing = threading.Lock()
+        self._said_running = False
+
+    # -- output ----------------------------------------------------------------
+
+    def say(self, message: str) -> None:
+        """The task's progress, on stderr."""
+        with self._print:
+            print(f"[{self.plan.identity.family}] {message}", file=self.err, flush=True)
+
+    def relay(self, name: str, run: ContainerRun, tty: bool) -> None:
+        """A container's output, line by line on stdout, each prefixed with its name."""
+        pending = {1: b"", 2: b""}
+        for stream, chunk in self.docker.logs(run.docker_id, tty):
+            lines = (pending.get(stream, b"") + chunk).split(b"\n")
+            pending[stream] = lines.pop()
+            with self._print:
+                for line in lines:
+                    self.out.write(f"{name} | {line.decode(errors='replace').rstrip(chr(13))}\n")
+                self.out.flush()
+        with self._print:
+            for rest in pending.values():
+                if rest:
+                    self.out.write(f"{name} | {rest.decode(errors='replace')}\n")
+            self.out.flush()
+
+    # -- the task's life -------------------------------------------------------
+
+    def request_stop(self, signum: int, _frame: Any = None) -> None:
+        if self.stopping.is_set():
+            self.hurry.set()
+            self.say("stopping without waiting for stop timeouts")
+        self.signal_exit = 128 + signum
+        self.stopping.set()
+        with self.task.changed:
+            self.task.changed.notify_all()
+
+    def run(self) -> int:
+        """The task from start to stop; what `run` exits with."""
+        exit_code = 1
+        try:
+            for warning in self.plan.warnings:
+                self.say(f"warning: {warning}")
+            self.check_role()
+            threading.Thread(target=self.follow_events, args=(self.docker.task_events(self.plan.identity.arn),),
+                             name="task-events", daemon=True).start()
+            self.pull_images()
+            self.create_volumes()
+            self.start_holders()
+            exit_code = self.start_containers()
+        except TaskStopping as stop:
+            self.task.stop(stop.reason)
+            exit_code = stop.exit_code
+        except ApiError as exc:
+            self.task.stop(f"{exc.code}: {exc.message}")
+        finally:
+            self.stop_containers()
+            self.remove_everything()
+        self.say(f"task STOPPED: {self.task.stopped_reason}")
+        return exit_code
+
+    def check_stop(self) -> None:
+        if self.stopping.is_set():
+            raise TaskStopping("Task stopped by user", self.signal_exit)
+
+    def check_role(self) -> None:
+        """The task role, assumed once before anything starts: a role the developer cannot assume
+        stops the task here, with the trust policy that would let them."""
+        role = self.plan.definition.get("taskRoleArn")
+        if not role:
+            return
+        try:
+            self.endpoints.vendor.role_arn(role)
+        except ApiError as exc:
+            caller = None
+            with contextlib.suppress(Exception):
+                caller = self.endpoints.identity.get_caller_identity()["Arn"]
+            advice = f"\n{trust_policy_advice(role, caller)}" if exc.code == "AccessDenied" else ""
+            self.say(f"cannot assume the task role: {exc.message}{advice}")
+            raise TaskStopping(f"CannotAssumeTaskRole: {exc.message}", 1) from None
+        self.say(f"task role {role}: credentials at /v2/credentials/<id>")
+
+    def follow_events(self, events: Iterator[dict]) -> None:
+        """Docker's events for the task's containers: each one re-inspected into the TaskRun."""
+        names = {c.planned.docker_name for c in self.task.containers.values()}
+        try:
+            for event in events:
+                name = ((event.get("Actor") or {}).get("Attributes") or {}).get("name")
+                if name in names and event.get("status") not in ("destroy", "remove"):
+                    self.refresh(name)
+        except ApiError as exc:
+            log.debug("event stream ended: %s", exc.message)
+
+    def refresh(self, docker_name: str) -> None:
+        """The container inspected again into the TaskRun, and what changed said once (the event
+        thread and the main thread both refresh)."""
+        with self._refreshing:
+            run = self.task.containers[docker_name]
+            before = (run.known, run.health())
+            try:
+                self.task.update(docker_name, self.docker.inspect(docker_name))
+            except (LookupError, ApiError):
+                return
+            self.endpoints.stats.follow(self.task.snapshot)
+            self._say_changes(run, before)
+
+    def _say_changes(self, run: ContainerRun, before: tuple[str, str]) -> None:
+        after = (run.known, run.health())
+        if after == before or run.planned.is_holder:
+            return
+        if after[1] != before[1] and after[1] in ("healthy", "unhealthy"):
+            self.say(f"{run.planned.name}: {after[1]}")
+        if after[0] == "STOPPED" and before[0] != "STOPPED":
+            self.say(f"{run.planned.name}: exited with code {run.exit_code}")
+        if not self._said_running and self.task.known_status() in ("RUNNING", "STOPPED"):
+            self._said_running = True
+            self.say(f"task RUNNING: {self.plan.identity.arn}")
+
+    def pull_images(self) -> None:
+        """Images the engine lacks, pulled before any container is created, as the agent does."""
+        self.task.pull_started = now_text()
+        for image in self.plan.images():
+            self.check_stop()
+            try:
+                self.docker.image(image)
+                continue
+            except LookupError:
+                pass
+            self.say(f"pulling {image}")
+            try:
+                self.docker.pull(image)
+            except (ApiError, LookupError) as exc:
+                message = exc.message if isinstance(exc, ApiError) else "no such image"
+                if image in {holder.body["Image"] for holder in self.plan.holders}:
+                    message += " (the network namespace holder's image: --pause-image names another)"
+                raise TaskStopping(f"CannotPullContainerError: {image}: {message}", 1) from None
+        self.task.pull_stopped = now_text()
+        for run in self.task.containers.values():
+            self.task.update(run.planned.docker_name, known="PULLED")
+
+    def create_volumes(self) -> None:
+        for name, body in self.plan.volumes:
+            self.docker.create_volume(body)
+        for volume in self.plan.definition.get("volumes") or []:
+            config = volume.get("dockerVolumeConfiguration") or {}
+            if config.get("scope") != "shared":
+                continue
+            try:
+                self.docker.volume(volume["name"])
+            except LookupError:
+                if not config.get("autoprovision"):
+                    raise TaskStopping(f"volume '{volume['name']}' does not exist and autoprovision is set "
+                                       "to false", 1) from None
+                self.docker.create_volume({"Name": volume["name"], "Driver": config.get("driver") or "local",
+                                           "DriverOpts": config.get("driverOpts") or {},
+                                           "Labels": config.get("labels") or {}})
+
+    def start_holders(self) -> None:
+        """The network namespaces, each held by a pause container with the endpoints in it;
+        host mode serves them in this process's namespace (the host's, or the image's with
+        --network host)."""
+        if self.plan.network_mode == "host":
+            self.serve_in(None, frozenset(c.name for c in self.plan.containers))
+        for holder in self.plan.holders:
+            self.check_stop()
+            body = copy.deepcopy(holder.body)
+            for alias, target in holder.links.items():   # bridge links, as Docker's /etc/hosts entries
+                address = self.address_of(self.task.by_name(f"{target} netns"))
+                body["HostConfig"]["ExtraHosts"].append(f"{alias}:{address}")
+            self.docker.create(holder.docker_name, body)
+            self.docker.start(holder.docker_name)
+            self.refresh(holder.docker_name)
+            run = self.task.containers[holder.docker_name]
+            served = frozenset(c.name for c in self.plan.containers if c.holder == holder.docker_name)
+            self.serve_in(run.inspect["State"]["Pid"], served)
+
+    @staticmethod
+    def address_of(run: ContainerRun) -> str:
+        networks = ((run.inspect or {}).get("NetworkSettings") or {}).get("Networks") or {}
+        return next((n["IPAddress"] for n in networks.values() if n.get("IPAddress")), "127.0.0.1")
+
+    def serve_in(self, pid: int | None, served: frozenset[str]) -> None:
+        """The endpoints at 169.254.170.2:80 in the network namespace of process pid."""
+        try:
+            listening, added = in_network_namespace(pid, lambda: endpoints_socket(80))
+        except OSError as exc:
+            raise TaskStopping(f"cannot serve the endpoints at {ENDPOINTS_ADDRESS} in the task's network "
+                               f"namespace ({exc.strerror or exc}): run needs root on Linux, and in the image "
+                               "--cap-add SYS_ADMIN --cap-add NET_ADMIN --pid host (and --network host for "
+                               "host-mode tasks)", 1) from None
+        self.host_address_added |= pid is None and added
+        server = EndpointsServer((ENDPOINTS_ADDRESS, 80), self.endpoints, self.endpoints.config.max_connections,
+                                 listening=listening, namespace=served)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http-task",
+                         daemon=True).start()
+        self.servers.append(server)
+
+    def start_containers(self) -> int:
+        """Each container created and started once what it depends on is met; until the task stops.
+        Returns the exit code of the essential container whose exit stopped the task."""
+        pending = [c.name for c in self.plan.containers]
+        while True:
+            self.check_stop()
+            with self.task.changed:
+                ended = [c for c in self.plan.containers
+                         if c.essential and self.task.containers[c.docker_name].known == "STOPPED"]
+                if ended:
+                    code = self.task.containers[ended[0].docker_name].exit_code or 0
+                    self.task.stop("Essential container in task exited")
+                    return code
+            for name in list(pending):
+                planned = self.plan.container(name)
+                verdicts = [dependency_verdict(condition, self.task.by_name(dependency), datetime.now(timezone.utc))
+                            for dependency, condition in planned.depends_on.items()]
+                failed = [reason for verdict, reason in verdicts if verdict == "failed"]
+                if failed:
+                    pending.remove(name)
+                    self.task.update(planned.docker_name, known="STOPPED", reason=failed[0])
+                    self.say(f"{name}: not started: {failed[0]}")
+                    if planned.essential:
+                        raise TaskStopping(f"CannotStartContainerError: {failed[0]}", DEPENDENCY_EXIT_CODE)
+                elif all(verdict == "met" for verdict, _ in verdicts):
+                    pending.remove(name)
+                    self.start(planned)
+            with self.task.changed:
+                self.task.changed.wait(0.5)
+
+    def start(self, planned: PlannedContainer) -> None:
+        self.check_stop()
+        try:
+            body = planned.body
+            if planned.agent_region:
+                body = without_agent_region(body, self.docker.image(body["Image"])["Config"].get("Env") or [])
+            self.docker.create(planned.docker_name, body)
+            self.refresh(planned.docker_name)
+            self.say(f"{planned.name}: created ({planned.docker_name})")
+            self.docker.start(planned.docker_name)
+        except (ApiError, LookupError) as exc:
+            reason = f"CannotStartContainerError: {exc.message if isinstance(exc, ApiError) else exc}"
+            self.task.update(planned.docker_name, known="STOPPED", reason=reason)
+            self.say(f"{planned.name}: {reason}")
+            if planned.essential:
+                raise TaskStopping(reason, 1) from None
+            return
+        self.refresh(planned.docker_name)
+        self.say(f"{planned.name}: started")
+        run = self.task.containers[planned.docker_name]
+        relay = threading.Thread(target=self.relay, args=(planned.name, run, bool(planned.body.get("Tty"))),
+                                 name=f"logs-{planned.name}", daemon=True)
+        relay.start()
+        self.log_threads.append(relay)
+
+    def stop_containers(self) -> None:
+        """Running containers stopped as the agent stops them: each after every container that
+        depends on it has stopped, the others in parallel, each with its stopTimeout; holders last."""
+        dependents = {c.name: {d.name for d in self.plan.containers if c.name in d.depends_on}
+                      for c in self.plan.containers}
+        running = {c.name for c in self.plan.containers
+                   if self.task.containers[c.docker_name].known in ("RUNNING", "CREATED")}
+        while running:
+            wave = [name for name in running if not dependents[name] & running]
+            threads = [threading.Thread(target=self.stop_one, args=(self.plan.container(name),)) for name in wave]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            running -= set(wave)
+        for holder in self.plan.holders:
+            if self.task.containers[holder.docker_name].docker_id:
+                self.stop_one(holder, timeout=0)
+
+    def stop_one(self, planned: PlannedContainer, timeout: int | None = None) -> None:
+        if self.task.containers[planned.docker_name].known == "STOPPED":
+            return
+        with contextlib.suppress(ApiError, LookupError):
+            self.docker.stop(planned.docker_name, 0 if self.hurry.is_set() else
+                             planned.stop_timeout if timeout is None else timeout)
+        self.refresh(planned.docker_name)
+
+    def remove_everything(self) -> None:
+        """Every container, holder and task-scoped volume the task created, and the endpoints'
+        listeners: nothing is left behind, whatever stopped the task."""
+        for thread in self.log_threads:
+            thread.join(timeout=2)
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+        if self.host_address_added:
+            with contextlib.suppress(OSError):
+                remove_endpoints_address()
+        for planned in (*reversed(self.plan.containers), *self.plan.holders):
+            with contextlib.suppress(ApiError, LookupError):
+                self.docker.remove(planned.docker_name)
+        for name, _ in self.plan.volumes:
+            with contextlib.suppress(ApiError, LookupError):
+                self.docker.remove_volume(name)
+
+
+# ---------------------------------------------------------------------------
 # main()
 # ---------------------------------------------------------------------------
 
@@ -3383,7 +4644,95 @@ def health_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return 0 if status == 200 else 1
 
 
+TASK_DEFINITION_NAME = re.compile(r"[A-Za-z0-9_-]{1,255}(:[0-9]+)?|arn:aws[a-z-]*:ecs:[^:]*:[0-9]{12}:"
+                                  r"task-definition/[A-Za-z0-9_-]{1,255}(:[0-9]+)?")
+
+
+def parse_run_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="local_endpoints.py run",
+        description="Run an ECS task definition on this Docker Engine as the ECS agent runs it: its containers "
+                    "in dependency order, its task role, and the endpoints at 169.254.170.2 in each network "
+                    "namespace. Needs root on Linux (in the image: --cap-add SYS_ADMIN --cap-add NET_ADMIN --pid host). Stops the task "
+                    "on Ctrl-C or SIGTERM and removes everything it created.",
+        epilog="exit status: that of the essential container whose exit stopped the task; 2 for invalid "
+               "input; 1 when the task could not start; 130/143 when stopped by Ctrl-C/SIGTERM")
+    parser.add_argument("taskdef", help="a JSON file (register-task-definition input or describe-task-definition "
+                                        "output), or family[:revision] or a task definition ARN to read with "
+                                        "ecs:DescribeTaskDefinition")
+    parser.add_argument("--cluster", help="the cluster name or ARN in the task's metadata (default: CLUSTER_ARN)")
+    parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                        help="a task tag, beside the registered ones (repeatable)")
+    parser.add_argument("--env-file", action="append", default=[], metavar="PATH",
+                        help="VARIABLE=VALUE lines for every container; the task definition's environment "
+                             "wins (repeatable: later files win)")
+    parser.add_argument("--publish-address", default="127.0.0.1", metavar="ADDRESS",
+                        help="host address port mappings are published on (default 127.0.0.1)")
+    parser.add_argument("--pause-image", default=DEFAULT_PAUSE_IMAGE, metavar="IMAGE",
+                        help=f"the image of the containers that hold network namespaces (default "
+                             f"{DEFAULT_PAUSE_IMAGE}; any image whose default command waits forever)")
+    return parser.parse_args(argv)
+
+
+def load_run(args: argparse.Namespace, config: Config, identity: AwsIdentity) -> TaskPlan:
+    """The plan for `run`'s arguments; TaskDefinitionError (or OSError, ValueError) for bad input."""
+    if os.path.exists(args.taskdef):
+        with open(args.taskdef, encoding="utf-8") as file:
+            try:
+                document = json.load(file)
+            except ValueError as exc:
+                raise TaskDefinitionError(args.taskdef, f"not JSON: {exc}") from None
+    elif TASK_DEFINITION_NAME.fullmatch(args.taskdef):
+        try:
+            document = identity.describe_task_definition(args.taskdef)
+        except Exception as exc:
+            raise TaskDefinitionError(args.taskdef, aws_error(exc, "DescribeTaskDefinition", identity.profile).message
+                                      ) from None
+    else:
+        raise TaskDefinitionError(args.taskdef, "no such file, and not a family[:revision] or task definition ARN")
+    definition, tags = read_task_definition(document)
+    env_file: dict[str, str] = {}
+    for path in args.env_file:
+        with open(path, encoding="utf-8") as file:
+            try:
+                env_file.update(parse_env_file(file.read()))
+            except ValueError as exc:
+                raise TaskDefinitionError(path, str(exc)) from None
+    try:
+        extra_tags = parse_tags(",".join(args.tag)) if args.tag else {}
+    except ValueError as exc:
+        raise TaskDefinitionError("--tag", str(exc)) from None
+    options = RunOptions(cluster=args.cluster or config.cluster_arn, region=identity.region,
+                         publish_address=args.publish_address, pause_image=args.pause_image,
+                         env_file=env_file, tags=extra_tags)
+    return plan_task(definition, tags, options)
+
+
+def run_main(argv: list[str]) -> int:
+    """`run TASKDEF`: the task in the foreground; its exit status as TaskRunner.run gives it."""
+    args = parse_run_args(argv)
+    try:
+        configure_logging(log_level(parse_args([]), os.environ))
+        config = load_config(parse_args([]), os.environ)
+        identity = AwsIdentity(config)
+        plan = load_run(args, config, identity)
+        endpoints = Endpoints(config, TaskRun(plan), identity)
+    except (ConfigError, TaskDefinitionError) as exc:
+        print(f"local-endpoints run: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"local-endpoints run: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    runner = TaskRunner(endpoints, endpoints.task_run)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, runner.request_stop)
+    return runner.run()
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        return run_main(argv[1:])
     args = parse_args(argv)
     if args.generate_token:
         print(secrets.token_urlsafe(32))

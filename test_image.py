@@ -46,7 +46,8 @@ from pathlib import Path
 
 import pytest
 
-from testlib import build_base_image, moto_server_at, run, unavailable, wait_http
+from testlib import (build_base_image, moto_server_at, pause_image, run,
+                     unavailable, wait_http)
 
 REPO = Path(__file__).resolve().parent
 
@@ -408,3 +409,50 @@ def test_healthcheck_follows_port_env_and_docker_stop_is_fast(docker_engine, doc
     assert elapsed < 2.0, "docker stop took %.2fs" % elapsed
     assert not state["Running"]
     assert state["ExitCode"] != 137, "killed with SIGKILL"
+
+
+# -------------------------------------------------------------------- run TASKDEF
+
+def metadata_task(family: str, busybox: str) -> dict:
+    """An awsvpc task whose one container prints its task's TaskARN and Family from the endpoints."""
+    return {"family": family, "networkMode": "awsvpc", "memory": "256", "containerDefinitions": [
+        {"name": "app", "image": busybox,
+         "command": ["sh", "-c", "wget -q -O- $ECS_CONTAINER_METADATA_URI_V4/task | grep -o '\"Family\": *\"[^\"]*\"'"]}]}
+
+
+def test_run_inside_the_image_with_the_socket_mounted(docker_engine, docker, endpoints_image, busybox_image,
+                                                      tmp_path):
+    """The Docker Desktop way: `run` in the image, with the socket, the host's PIDs and the
+    capabilities to enter the task's network namespace and add the endpoints' address there."""
+    pause = pause_image(docker_engine)
+    family = "le-image-run-" + RUN_ID
+    (tmp_path / "task.json").write_text(json.dumps(metadata_task(family, busybox_image)))
+    proc = run([docker, "run", "--rm", "--label", docker_engine.label, "--cap-add", "SYS_ADMIN",
+                "--cap-add", "NET_ADMIN", "--pid", "host",
+                "-v", "%s:/var/run/docker.sock" % docker_engine.socket, "-v", "%s:/task" % tmp_path,
+                "-e", "AWS_EC2_METADATA_DISABLED=true", endpoints_image, "run", "/task/task.json",
+                "--pause-image", pause], check=False, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert 'app | "Family": "%s"' % family in proc.stdout, proc.stdout
+    assert "task STOPPED: Essential container in task exited" in proc.stderr
+    left = run([docker, "ps", "-aq", "--filter", "label=com.amazonaws.ecs.task-definition-family=" + family]).stdout
+    assert not left.split()
+
+
+def test_run_beside_the_endpoints_container_on_its_special_network(docker_engine, docker, busybox_image, client,
+                                                                   endpoints, tmp_path):
+    """A task `run` starts and the compose setup's containers each see their own endpoints at
+    169.254.170.2: the task's in its own namespace, the compose app's on the special network."""
+    family = "le-beside-" + RUN_ID
+    (tmp_path / "task.json").write_text(json.dumps(metadata_task(family, busybox_image)))
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DOCKER_"))}, **DUMMY_ENV,
+               DOCKER_HOST=docker_engine.host)
+    proc = run([sys.executable, str(REPO / "local_endpoints.py"), "run", str(tmp_path / "task.json"),
+                "--pause-image", pause_image(docker_engine)], check=False, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert 'app | "Family": "%s"' % family in proc.stdout, proc.stdout
+    compose_view = in_app_netns(client, """
+        import json, urllib.request
+        print(json.dumps(json.load(urllib.request.urlopen("http://169.254.170.2/v4/task", timeout=10))))
+    """, {})
+    assert compose_view["Family"] != family

@@ -26,6 +26,7 @@ import errno
 import fcntl
 import http.client
 import io
+import ipaddress
 import json
 import os
 import re
@@ -634,6 +635,29 @@ def busybox_image(engine: DockerEngine) -> str:
     return engine.created_image(BUSYBOX_TAG)
 
 
+PAUSE_TAG = "local-endpoints-test/pause:latest"
+
+
+def pause_image(engine: DockerEngine) -> str:
+    """Tag of an image whose default command waits forever (busybox's sleep), to hold a task's
+    network namespaces as the ECS agent's pause image does: `run --pause-image` takes it."""
+    if engine.has_image(PAUSE_TAG):
+        return PAUSE_TAG
+    busybox = busybox_image(engine)
+    with tempfile.TemporaryDirectory(prefix="le-pause-") as tmp:
+        Path(tmp, "Dockerfile").write_text(f'FROM {busybox}\nENTRYPOINT ["/bin/busybox", "sleep", "2147483647"]\n'
+                                           f"LABEL {IMAGE_LABEL}=1\n")
+        engine.cli("build", "-q", "-t", PAUSE_TAG, tmp)
+    return engine.created_image(PAUSE_TAG)
+
+
+def bridge_gateway(engine: DockerEngine) -> str:
+    """The host's address on the engine's default bridge, which containers there reach."""
+    config = engine.inspect("bridge")["IPAM"]["Config"][0]
+    # The default bridge's IPAM often names no gateway: Docker then gives the subnet's first address.
+    return config.get("Gateway") or str(next(ipaddress.ip_network(config["Subnet"]).hosts()))
+
+
 # =============================================================================
 # A Debian bookworm root file system (debootstrap)
 # =============================================================================
@@ -880,12 +904,13 @@ class Moto:
 
     env = dict(DUMMY_AWS_ENV)
 
-    def __init__(self, log_path: Path):
+    def __init__(self, log_path: Path, host: str = "127.0.0.1"):
         self.log_path = log_path
+        self.host = host   # the proxy's address: another than loopback for clients inside containers
         self.moto_port = free_port()
         self.moto_url = f"http://127.0.0.1:{self.moto_port}"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = free_port(host)
+        self.url = f"http://{host}:{self.port}"
         self.requests: list[dict] = []
         self._lock = threading.Lock()
         self._server: _ProxyServer | None = None
@@ -938,7 +963,7 @@ class Moto:
         deadline = time.monotonic() + 5
         while True:
             try:
-                self._server = _ProxyServer(("127.0.0.1", self.port), self)
+                self._server = _ProxyServer((self.host, self.port), self)
                 break
             except OSError as e:
                 if e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
