@@ -590,6 +590,7 @@ def test_only_credentials_routes_are_audited(start_server, moto):
     """Task protection's PUT is guarded too, but hands out no credentials: its refusal keeps its
     access line and makes no audit record."""
     assert [r.rule for r in le.ROUTES if r.audited] == ["/creds", "/role/{name}", "/role-arn/{arn:path}",
+                                                        "/v2/credentials[/{id:secret}]",
                                                         "/latest/meta-data/iam/security-credentials/{listed}"]
     server = start_server(env=aws_env(moto, ECS_LOCAL_ALLOWED_CALLERS="127.0.0.1/32"))
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10, source_address=("127.0.0.2", 0))
