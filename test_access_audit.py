@@ -224,3 +224,33 @@ def test_the_auditors_guide_lists_every_public_method_of_the_two_edge_classes():
         assert listed, cls.__name__
         public = {name for name, value in vars(cls).items() if not name.startswith("_") and callable(value)}
         assert set(re.findall(r"``(\w+)``", listed.group(1))) == public, cls.__name__
+
+
+def test_the_audit_lines_fast_path_writes_what_a_log_record_would():
+    """AuditTrail hands its lines to LineHandler.write_line when that handler alone writes the
+    audit logger's records (as main() configures logging): the text must be a record's."""
+    read_end, write_end = os.pipe()
+    parent = logging.getLogger("le-test-lines")
+    parent.propagate = False
+    child = logging.getLogger("le-test-lines.audit")
+    handler = le.LineHandler(write_end)
+    parent.addHandler(handler)
+    try:
+        assert le.sole_line_handler(child) is handler
+        child.warning("%s", "credentials route=/creds outcome=Unauthorized")
+        handler.write_line(logging.WARNING, child.name, "credentials route=/creds outcome=Unauthorized")
+        other = logging.NullHandler()
+        parent.addHandler(other)
+        assert le.sole_line_handler(child) is None   # another handler: records, not the fast path
+        parent.removeHandler(other)
+        child.addFilter(lambda record: True)
+        assert le.sole_line_handler(child) is None   # a filter: records too
+    finally:
+        parent.removeHandler(handler)
+        os.close(write_end)
+    record_line, fast_line = os.read(read_end, 65536).decode().splitlines()
+    os.close(read_end)
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
+    assert re.fullmatch(stamp + "WARNING le-test-lines.audit: credentials route=/creds outcome=Unauthorized", record_line)
+    assert re.sub(stamp, "", fast_line) == re.sub(stamp, "", record_line)
+    assert re.match(stamp, fast_line)
