@@ -23,14 +23,18 @@ pass. When Docker-backed tests were skipped, the run's last line says so.
 from __future__ import annotations
 
 import contextlib
+import json
+import re
+import signal
 import subprocess
+import sys
 from collections import Counter
 
 import pytest
 
 from testlib import (
-    SECRET_ENV_VARS, DockerEngine, EngineUnavailable, Moto, SecretRegistry, Server, engine_session,
-    free_port, server_env, unavailable,
+    SECRET_ENV_VARS, SERVER_SCRIPT, SESSION_ID, DockerEngine, EngineUnavailable, Moto, SecretRegistry, Server,
+    engine_session, free_port, server_env, unavailable,
 )
 import testlib
 
@@ -217,3 +221,73 @@ def start_server(tmp_path, secrets, request):
     if leaked:
         pytest.fail("registered secret(s) leaked into server logs: " + "; ".join(leaked),
                     pytrace=False)
+
+
+# =============================================================================
+# `run TASKDEF`: the pause image, moto where task containers reach it, the process
+# =============================================================================
+
+@pytest.fixture(scope="session")
+def pause_image(docker_engine) -> str:
+    return testlib.pause_image(docker_engine)
+
+
+@pytest.fixture(scope="module")
+def task_moto(docker_engine, tmp_path_factory):
+    """moto behind the counting proxy on the bridge gateway: reached by the runner on the host and
+    by the AWS CLI inside a task container alike."""
+    m = Moto(tmp_path_factory.mktemp("moto") / "moto_server.log", host=testlib.bridge_gateway(docker_engine))
+    m.start()
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+@pytest.fixture
+def run_task(docker_engine, busybox_image, pause_image, task_moto, tmp_path, request):
+    """Factory: run_task(definition, *args, env=None) -> TaskProcess, started (not waited for).
+
+    The definition's family gets this test's name and session, its images "busybox" the
+    test image; at the end every process is ended and nothing of its task may be left.
+    """
+    started: list[testlib.TaskProcess] = []
+    home = tmp_path / "home"
+    home.mkdir()
+
+    def start(definition: dict | str, *args: str, env: dict | None = None) -> testlib.TaskProcess:
+        """definition: a task definition (written to a file), or a name to read from ECS."""
+        if isinstance(definition, str):
+            path, family = definition, definition.split(":")[0]
+        else:
+            family = re.sub(r"[^A-Za-z0-9-]", "-", f"le-run-{request.node.name[:40]}-{SESSION_ID}-{len(started)}")
+            definition = json.loads(json.dumps(definition).replace('"busybox"', json.dumps(busybox_image)))
+            definition["family"] = family
+            definition.setdefault("memory", "512")   # ECS refuses an EC2 task definition without memory
+            path = tmp_path / f"{family}.json"
+            path.write_text(json.dumps(definition))
+        out, err = tmp_path / f"{family}.out", tmp_path / f"{family}.err"
+        environment = server_env(home, {**task_moto.env, "AWS_ENDPOINT_URL": task_moto.url,
+                                        "DOCKER_HOST": docker_engine.host, **(env or {})})
+        with open(out, "wb") as stdout, open(err, "wb") as stderr:
+            proc = subprocess.Popen([sys.executable, str(SERVER_SCRIPT), "run", str(path), "--pause-image",
+                                     pause_image, *args], stdin=subprocess.DEVNULL, stdout=stdout,
+                                    stderr=stderr, env=environment, cwd=tmp_path)
+        task = testlib.TaskProcess(proc, out, err, family, docker_engine)
+        started.append(task)
+        return task
+
+    yield start
+    for task in started:
+        if task.proc.poll() is None:
+            task.proc.send_signal(signal.SIGINT)
+            try:
+                task.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                task.proc.kill()
+        left = task.left_behind()
+        for container in left.get("containers", []):
+            docker_engine.cli("rm", "-f", "-v", container, check=False)
+        for volume in left.get("volumes", []):
+            docker_engine.cli("volume", "rm", volume, check=False)
+        assert not left, f"the task left {left} behind:\n{task.stderr}"

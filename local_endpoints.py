@@ -31,7 +31,10 @@ credential chain, which may call out for SSO, assume-role profiles or
 credential_process, and the MFA session opened at start-up;
 ``check_mfa_session``, ``mfa_session_ends``: what is known of that session, no
 call; ``get_session_token``, ``get_caller_identity``, ``get_role``,
-``assume_role``: STS and IAM; ``describe_task_definition``: ECS, for run).
+``assume_role``: STS and IAM; ``describe_task_definition``, ``get_parameters``,
+``get_secret_value``, ``get_object``, ``get_authorization_token``: ECS, SSM,
+Secrets Manager, S3 and ECR, for run, with the execution role's credentials
+when the task has one).
 Each row of ``ROUTES`` also says who may call the route (its ``guard``: anyone;
 an allowed network and the authorization token; IMDS's allowed network and
 session token; the credentials id ``run`` gave a task) and whether every answer is recorded
@@ -49,6 +52,7 @@ and its handlers, the HTTP handler, run (the command), main().
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import copy
 import ctypes
@@ -242,7 +246,7 @@ def mfa_session_duration(text: str) -> float:
 class Setting:
     """One environment variable: the only definition of its default, parser and meaning.
 
-    load_config(), --help, the command-line flags and the README's settings table are all
+    load_config(), --help, the command-line flags and the settings table of docs/settings.md are all
     made from SETTINGS.
     """
     name: str
@@ -349,7 +353,7 @@ SETTINGS: tuple[Setting, ...] = (
             "file holding that token; re-read when it changes, so a rotated token needs no restart"),
     Setting("ECS_LOCAL_ALLOWED_ROLES", "allowed_roles", "", allowed_roles,
             "comma-separated role names, role ARNs and `*` globs on ARNs (`arn:aws:iam::123456789012:role/team-*`) "
-            "that /role and /role-arn may hand out; see Security", shown_default="any role"),
+            "that /role and /role-arn may hand out; see docs/security.md", shown_default="any role"),
     Setting("ECS_LOCAL_MFA_SESSION_DURATION", "mfa_session_duration", "12h", mfa_session_duration,
             "how long the MFA code typed at start-up lasts, for a profile with mfa_serial (15m to 36h)"),
     Setting("ECS_LOCAL_AUDIT_LOG", "audit_log", "", str,
@@ -365,7 +369,7 @@ SETTINGS: tuple[Setting, ...] = (
             "let IMDS callers in without a session token (IMDSv1)"),
     Setting("ECS_LOCAL_STATS", "stats", "eager", choice("EAGER", "ON-DEMAND"),
             "eager: collect every running container's stats from its start, so the first stats request "
-            "answers at once (costs per container: see README, Performance); on-demand: from the first "
+            "answers at once (costs per container: see docs/performance.md); on-demand: from the first "
             "request for it"),
 )
 
@@ -422,7 +426,7 @@ def settings_help() -> str:
 
 
 def settings_table() -> str:
-    """The README's settings table (a test keeps the two equal)."""
+    """The settings table of docs/settings.md (a test keeps the two equal)."""
     rows = ["| Environment variable | Flag | Default | Meaning | Compatibility |", "|---|---|---|---|---|"]
     for s in SETTINGS:
         default = s.shown_default or (f"`{s.default}`" if s.default else "")
@@ -696,12 +700,14 @@ class DockerClient:
         """docker image inspect; LookupError when the engine does not have it."""
         return self._get(f"/images/{quote(reference, safe='')}/json")
 
-    def pull(self, reference: str) -> None:
-        """docker pull, waiting for the end of Docker's progress stream; a failure is an ApiError
-        with Docker's message (Docker reports it inside the stream, after a 200)."""
+    def pull(self, reference: str, auth: str | None = None) -> None:
+        """docker pull, with a registry's credentials (X-Registry-Auth) when given, waiting for the
+        end of Docker's progress stream; a failure is an ApiError with Docker's message (Docker
+        reports it inside the stream, after a 200)."""
         tagged = "@" in reference or ":" in reference.rsplit("/", 1)[-1]
         for event in self._stream("/images/create", {"fromImage": reference if tagged else reference + ":latest"},
-                                  read_timeout=None, method="POST"):
+                                  read_timeout=None, method="POST",
+                                  headers={"X-Registry-Auth": auth} if auth else None):
             if event.get("error"):
                 raise ApiError(502, "CannotPullContainerError", str(event["error"])[:500])
 
@@ -739,8 +745,16 @@ class DockerClient:
         """
         session = self._new_session()
         path = f"/containers/{quote(container_id, safe='')}/logs"
-        response = self._call(session, self._url(path), {"follow": "1", "stdout": "1", "stderr": "1"},
-                              stream=True, read_timeout=None)
+        try:
+            response = self._call(session, self._url(path), {"follow": "1", "stdout": "1", "stderr": "1"},
+                                  stream=True, read_timeout=None)
+        except BaseException:
+            session.close()
+            raise
+        return self._frames(session, response, tty, container_id)
+
+    def _frames(self, session: requests.Session, response: requests.Response, tty: bool, container_id: str
+                ) -> Iterator[tuple[int, bytes]]:
         try:
             raw = response.raw
             while True:
@@ -808,9 +822,9 @@ class DockerClient:
 
     def _call(self, session: requests.Session, url: str, params: dict | None = None,
               stream: bool = False, read_timeout: float | None = DOCKER_TIMEOUT, method: str = "GET",
-              body: dict | None = None) -> Any:
+              body: dict | None = None, headers: dict | None = None) -> Any:
         try:
-            response = session.request(method, url, params=params, json=body, stream=stream,
+            response = session.request(method, url, params=params, json=body, stream=stream, headers=headers,
                                        timeout=(DOCKER_TIMEOUT, read_timeout))
         except (requests.ConnectionError, requests.Timeout) as exc:
             self.api_version = None   # the engine may come back as another version
@@ -848,7 +862,8 @@ class DockerClient:
         with contextlib.closing(self._new_session()) as session:
             return self._call(session, self._url(path), params, read_timeout=read_timeout, method=method, body=body)
 
-    def _stream(self, path: str, params: dict, read_timeout: float | None, method: str = "GET") -> Iterator[dict]:
+    def _stream(self, path: str, params: dict, read_timeout: float | None, method: str = "GET",
+                headers: dict | None = None) -> Iterator[dict]:
         """The JSON objects of a streaming endpoint (events, stats, pull progress), on a connection
         of its own.
 
@@ -857,7 +872,7 @@ class DockerClient:
         session = self._new_session()
         try:
             response = self._call(session, self._url(path), params, stream=True, read_timeout=read_timeout,
-                                  method=method)
+                                  method=method, headers=headers)
         except BaseException:
             session.close()
             raise
@@ -1510,23 +1525,55 @@ class AwsIdentity:
         """ecs:DescribeTaskDefinition with its tags: {"taskDefinition": ..., "tags": [...]}."""
         return self._client("ecs").describe_task_definition(taskDefinition=name, include=["TAGS"])
 
-    def _client(self, service: str) -> Any:
-        """One client per service, made once credentials resolve (they may appear later)."""
+    def get_parameters(self, names: list[str], region: str, credentials: Credentials | None) -> dict:
+        """ssm:GetParameters, SecureStrings decrypted: the reply's Parameters and InvalidParameters."""
+        return self._fetcher("ssm", region, credentials).get_parameters(Names=names, WithDecryption=True)
+
+    def get_secret_value(self, secret_id: str, version_stage: str, version_id: str, region: str,
+                         credentials: Credentials | None) -> dict:
+        """secretsmanager:GetSecretValue of one version (the current one when neither is given)."""
+        version = {k: v for k, v in (("VersionStage", version_stage), ("VersionId", version_id)) if v}
+        return self._fetcher("secretsmanager", region, credentials).get_secret_value(SecretId=secret_id, **version)
+
+    def get_object(self, bucket: str, key: str, credentials: Credentials | None) -> bytes:
+        """s3:GetObject: the object's bytes."""
+        return self._fetcher("s3", self.region, credentials).get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    def get_authorization_token(self, region: str, credentials: Credentials | None) -> dict:
+        """ecr:GetAuthorizationToken: the reply's first authorizationData (token, proxyEndpoint)."""
+        return self._fetcher("ecr", region, credentials).get_authorization_token()["authorizationData"][0]
+
+    def _fetcher(self, service: str, region: str, credentials: Credentials | None) -> Any:
+        """A client for `run`'s fetches: with the execution role's credentials, else the identity's."""
+        if credentials is None:
+            return self._client(service, region)
+        key = (service, region, credentials.access_key_id)
         with self._lock:
-            if service not in self._clients:
+            if key not in self._clients:
+                self._clients[key] = self._make_client(
+                    self.session, service, region, aws_access_key_id=credentials.access_key_id,
+                    aws_secret_access_key=credentials.secret_access_key, aws_session_token=credentials.token)
+            return self._clients[key]
+
+    def _client(self, service: str, region: str | None = None) -> Any:
+        """One client per service (and region), made once credentials resolve (they may appear later)."""
+        region = region or self.region
+        key = service if region == self.region else (service, region)
+        with self._lock:
+            if key not in self._clients:
                 frozen = self.base()[0]   # a client made without credentials would keep having none
                 explicit = {}
                 if self.mfa is not None:   # the session's keys, not the profile's chain (that would prompt)
                     explicit = dict(aws_access_key_id=frozen.access_key, aws_secret_access_key=frozen.secret_key,
                                     aws_session_token=frozen.token)
-                self._clients[service] = self._make_client(self.session, service, **explicit)
-            return self._clients[service]
+                self._clients[key] = self._make_client(self.session, service, region, **explicit)
+            return self._clients[key]
 
-    def _make_client(self, session: boto3.Session, service: str, **explicit: str) -> Any:
+    def _make_client(self, session: boto3.Session, service: str, region: str | None = None, **explicit: str) -> Any:
         # Other services take botocore's own AWS_ENDPOINT_URL_<SERVICE> and AWS_ENDPOINT_URL.
         endpoint = {"sts": self.config.sts_endpoint, "iam": self.config.iam_endpoint}.get(service)
         return session.client(
-            service, region_name=self.region, endpoint_url=endpoint,
+            service, region_name=region or self.region, endpoint_url=endpoint,
             config=botocore.config.Config(
                 connect_timeout=0.5, read_timeout=1.5,
                 retries={"total_max_attempts": 2, "mode": "standard"},
@@ -2582,7 +2629,9 @@ PAUSE_NAME = "~internal~ecs~pause"
 DEFAULT_PAUSE_IMAGE = "registry.k8s.io/pause:3.10"   # the agent's own pause image is not published
 LOCAL_LOG_DRIVERS = ("json-file", "local", "none")
 NETNS_LABEL = "local-endpoints.netns-for"
-REGION_VARIABLES = frozenset({"AWS_REGION", "AWS_DEFAULT_REGION"})   # on a network-namespace holder: the container it holds it for
+REGION_VARIABLES = frozenset({"AWS_REGION", "AWS_DEFAULT_REGION"})
+AGENT_URI_VARIABLES = ("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "ECS_CONTAINER_METADATA_URI",
+                       "ECS_CONTAINER_METADATA_URI_V4", "ECS_AGENT_URI")   # always the agent's values   # on a network-namespace holder: the container it holds it for
 
 
 class TaskDefinitionError(ValueError):
@@ -2608,16 +2657,17 @@ def read_task_definition(document: Any) -> tuple[dict, dict[str, str]]:
 
 
 def parse_env_file(text: str) -> dict[str, str]:
-    """An environment file as ECS reads it: VARIABLE=VALUE lines; blank lines and lines
-    starting with # are skipped; everything after the first = is the value, as written."""
+    """An environment file as the agent reads it (envfile.go readEnvVarsFromFile): a line that
+    starts with # is a comment; a line without = is skipped (blank lines too); the name is what
+    stands before the first =, the value everything after it, as written; a line whose name or
+    value is empty is skipped; a later line wins."""
     variables = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
+    for line in text.splitlines():
+        if line.startswith("#") or "=" not in line:
             continue
-        name, equals, value = line.partition("=")
-        if not equals or not name.strip():
-            raise ValueError(f"line {number} is not VARIABLE=VALUE")
-        variables[name.strip()] = value
+        name, _, value = line.partition("=")
+        if name and value:
+            variables[name] = value
     return variables
 
 
@@ -2647,8 +2697,9 @@ def agent_name(name: str) -> str:
 
 
 def docker_name(family: str, revision: str, name: str, suffix: str) -> str:
-    """The agent's Docker name: ecs-{family}-{revision}-{name}-{20 hex digits}."""
-    return f"ecs-{agent_name(family)}-{revision}-{agent_name(name)}-{suffix}"
+    """The agent's Docker name: ecs-{family}-{revision}-{name}-{20 hex digits}; only the
+    container's name is stripped (a family's letters, digits, _ and - are valid in Docker names)."""
+    return f"ecs-{family}-{revision}-{agent_name(name)}-{suffix}"
 
 
 def dependency_order(containers: list[dict]) -> list[str]:
@@ -2691,8 +2742,9 @@ def validate_task_definition(definition: dict) -> None:
     containers = definition.get("containerDefinitions")
     if not isinstance(containers, list) or not containers:
         raise TaskDefinitionError("containerDefinitions", "a task definition needs at least one container")
-    if not definition.get("family"):
-        raise TaskDefinitionError("family", "a task definition needs a family")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", str(definition.get("family") or "")):
+        raise TaskDefinitionError("family", "a task definition needs a family of up to 255 letters, digits, "
+                                            "_ and -")
     by_name: dict[str, dict] = {}
     for index, container in enumerate(containers):
         where = f"containerDefinitions[{index}]"
@@ -2706,6 +2758,12 @@ def validate_task_definition(definition: dict) -> None:
     if not any(c.get("essential", True) for c in containers):
         raise TaskDefinitionError("containerDefinitions", "at least one container must be essential")
     volumes = {v.get("name") for v in definition.get("volumes") or []}
+    for key, parse, form in (("cpu", task_cpu_vcpu, 'CPU units or vCPU, like "256" or "1 vCPU"'),
+                             ("memory", task_memory_mib, 'MiB or GB, like "512" or "1 GB"')):
+        try:
+            parse(definition.get(key))
+        except ValueError:
+            raise TaskDefinitionError(key, f"{definition[key]!r} is not {form}") from None
     task_memory = task_memory_mib(definition.get("memory"))
     fargate = "FARGATE" in (definition.get("requiresCompatibilities") or ())
     for index, container in enumerate(containers):
@@ -2720,6 +2778,8 @@ def validate_task_definition(definition: dict) -> None:
 def validate_container(container: dict, where: str, mode: str, by_name: dict[str, dict], volumes: set,
                        task_memory: int | None) -> None:
     name = container["name"]
+    if mode == "none" and container.get("portMappings"):
+        raise TaskDefinitionError(f"{where}.portMappings", "port mappings cannot be specified in none network mode")
     for index, mapping in enumerate(container.get("portMappings") or []):
         host_port = mapping.get("hostPort")
         if mode in ("awsvpc", "host") and host_port not in (None, 0, mapping.get("containerPort")):
@@ -2748,6 +2808,25 @@ def validate_container(container: dict, where: str, mode: str, by_name: dict[str
         if mount.get("sourceVolume") not in volumes:
             raise TaskDefinitionError(f"{where}.mountPoints[{index}].sourceVolume",
                                       f"no volume named {mount.get('sourceVolume')!r} in volumes")
+    for key, entries in (("secrets", container.get("secrets") or []),
+                         ("logConfiguration.secretOptions",
+                          (container.get("logConfiguration") or {}).get("secretOptions") or [])):
+        for index, secret in enumerate(entries):
+            if not secret.get("name"):
+                raise TaskDefinitionError(f"{where}.{key}[{index}].name", "every secret needs a name")
+            try:
+                secret_reference(secret.get("valueFrom") or "", "")
+            except ValueError as exc:
+                raise TaskDefinitionError(f"{where}.{key}[{index}].valueFrom", str(exc)) from None
+    for index, file in enumerate(container.get("environmentFiles") or []):
+        try:
+            environment_file_source(file)
+        except ValueError as exc:
+            raise TaskDefinitionError(f"{where}.environmentFiles[{index}]", str(exc)) from None
+    credentials = (container.get("repositoryCredentials") or {}).get("credentialsParameter")
+    if credentials is not None and not SECRET_ARN.fullmatch(credentials):
+        raise TaskDefinitionError(f"{where}.repositoryCredentials.credentialsParameter",
+                                  f"{credentials!r} is not a Secrets Manager secret ARN")
     for index, dependency in enumerate(container.get("dependsOn") or []):
         field_name = f"{where}.dependsOn[{index}]"
         target, condition = dependency.get("containerName"), dependency.get("condition")
@@ -2956,12 +3035,16 @@ def given_environment(container: dict, options: RunOptions) -> dict[str, str]:
 def container_environment(container: dict, identity: TaskIdentity, options: RunOptions, endpoint_id: str,
                           credentials_id: str | None) -> list[str]:
     """The agent's variables, then the given ones; the region variables unless the given ones set
-    either (the runner also leaves them out for an image that sets either: without_agent_region)."""
+    either (the runner also leaves them out for an image that sets either: without_agent_region).
+    The credentials and endpoint URIs replace given values, as the agent sets them over the task
+    definition's environment (task.go initializeCredentialsEndpoint, container.go Inject*)."""
     given = given_environment(container, options)
-    env = agent_environment(identity, endpoint_id, credentials_id)
+    agent = agent_environment(identity, endpoint_id, credentials_id)
+    env = dict(agent)
     if not REGION_VARIABLES & set(given):
         env.update(dict.fromkeys(sorted(REGION_VARIABLES), identity.region))
     env.update(given)
+    env.update({name: value for name, value in agent.items() if name != "AWS_EXECUTION_ENV"})
     return [f"{name}={value}" for name, value in env.items()]
 
 
@@ -3066,6 +3149,164 @@ def local_log_config(container: dict, warnings: list[str]) -> dict:
     return {"Type": "json-file", "Config": {}}
 
 
+# What the task definition references outside itself, fetched with the execution role: secrets,
+# environment files, registry credentials (the references here; the fetching in TaskRunner).
+
+SSM_PARAMETER_ARN = re.compile(r"arn:aws[a-z-]*:ssm:([a-z0-9-]+):\d{12}:parameter(/.+)")
+SECRET_ARN = re.compile(r"(arn:aws[a-z-]*:secretsmanager:([a-z0-9-]+):\d{12}:secret:[^:]+)"
+                        r"(?::([^:]*)(?::([^:]*)(?::([^:]*))?)?)?")
+S3_OBJECT_ARN = re.compile(r"arn:aws[a-z-]*:s3:::([^/]+)/(.+)")
+ECR_REGISTRY = re.compile(r"\d{12}\.dkr\.ecr(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com(?:\.cn)?")
+SECRET_MASK = "<secret from {}>"
+
+
+@dataclass(frozen=True)
+class SecretReference:
+    """A secret's valueFrom as ECS reads it: an SSM parameter (a name, a path, or an ARN of any
+    region), or a Secrets Manager secret ARN with :json-key:version-stage:version-id, any empty."""
+    value_from: str
+    service: str                  # "ssm" or "secretsmanager"
+    region: str
+    identifier: str               # the parameter's name, or the secret's ARN
+    json_key: str = ""
+    version_stage: str = ""
+    version_id: str = ""
+
+    @property
+    def action(self) -> str:
+        return "ssm:GetParameters" if self.service == "ssm" else "secretsmanager:GetSecretValue"
+
+    @property
+    def resource(self) -> str:
+        """What an IAM policy names: the parameter's or the secret's ARN (or the name as given)."""
+        return self.identifier if self.service == "secretsmanager" else self.value_from
+
+
+def secret_reference(value_from: str, region: str) -> SecretReference:
+    """valueFrom read; ValueError for an ARN of neither service."""
+    secret = SECRET_ARN.fullmatch(value_from)
+    if secret:
+        return SecretReference(value_from, "secretsmanager", secret[2], secret[1], secret[3] or "",
+                               secret[4] or "", secret[5] or "")
+    parameter = SSM_PARAMETER_ARN.fullmatch(value_from)
+    if parameter:
+        path = parameter[2]   # parameter/name is "name"; parameter/a/b is the path "/a/b"
+        return SecretReference(value_from, "ssm", parameter[1], path if path.count("/") > 1 else path[1:])
+    if value_from.startswith("arn:") or not value_from:
+        raise ValueError(f"{value_from!r} is neither an SSM parameter (a name or ARN) nor a Secrets Manager "
+                         "secret ARN")
+    return SecretReference(value_from, "ssm", region, value_from)
+
+
+def environment_file_source(file: dict) -> tuple[str, str, str]:
+    """An environmentFiles entry: ("s3", bucket, key) for ECS's S3 object ARN, or ("file", path, "")
+    for a local path (for development); ValueError otherwise."""
+    value = file.get("value") or ""
+    if (file.get("type") or "s3") != "s3":
+        raise ValueError(f"type {file.get('type')!r} is not s3")
+    s3 = S3_OBJECT_ARN.fullmatch(value)
+    if s3:
+        return "s3", s3[1], s3[2]
+    if value.startswith("arn:") or not value:
+        raise ValueError(f"{value!r} is not an S3 object ARN (arn:aws:s3:::bucket/key) or a local path")
+    return "file", value, ""
+
+
+def container_secrets(container: dict, region: str) -> dict[str, SecretReference]:
+    """The container's secrets: variable -> reference (secrets), and "log option NAME" -> reference
+    (logConfiguration.secretOptions, fetched so that a missing permission shows, and not used:
+    the logs stay local)."""
+    references = {s["name"]: secret_reference(s["valueFrom"], region) for s in container.get("secrets") or []}
+    for option in (container.get("logConfiguration") or {}).get("secretOptions") or []:
+        references[f"log option {option['name']}"] = secret_reference(option["valueFrom"], region)
+    return references
+
+
+def registry_of(image: str) -> str:
+    """The registry host of an image reference (Docker Hub's for a bare name)."""
+    first = image.split("/", 1)[0]
+    return first if "/" in image and ("." in first or ":" in first or first == "localhost") else "docker.io"
+
+
+def registry_auth(username: str, password: str, server: str) -> str:
+    """Docker's X-Registry-Auth header: the credentials as URL-safe base64 JSON."""
+    document = json.dumps({"username": username, "password": password, "serveraddress": server})
+    return base64.urlsafe_b64encode(document.encode()).decode()
+
+
+def secret_value(secret: dict, reference: SecretReference, where: str) -> str:
+    """The value a Secrets Manager reply gives a reference: the string, or one key of it as JSON."""
+    text = secret.get("SecretString")
+    if text is None:
+        raise ValueError(f"{where}: secret {reference.identifier} is binary; ECS injects only SecretString")
+    if not reference.json_key:
+        return text
+    try:
+        document = json.loads(text)
+    except ValueError:
+        raise ValueError(f"{where}: secret {reference.identifier} is not JSON, so it has no key "
+                         f"{reference.json_key!r}") from None
+    if not isinstance(document, dict) or reference.json_key not in document:
+        raise ValueError(f"{where}: secret {reference.identifier} has no JSON key {reference.json_key!r}")
+    value = document[reference.json_key]
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def complete_environment(body: dict, agent_region: bool, files: list[dict[str, str]], secrets: dict[str, str]
+                         ) -> dict:
+    """A create body with what was fetched: secrets over every variable but the agent's endpoint
+    URIs, environment files only where nothing else set a variable (the first file first), as the
+    agent merges them (MergeEnvironmentVariables, MergeEnvironmentVariablesFromEnvfiles)."""
+    env = dict(entry.split("=", 1) for entry in body["Env"])
+    if agent_region and REGION_VARIABLES & {name for variables in (*files, secrets) for name in variables}:
+        for name in REGION_VARIABLES:
+            env.pop(name, None)
+    agent = {name: env[name] for name in AGENT_URI_VARIABLES if name in env}
+    env.update(secrets)
+    for variables in files:
+        for name, value in variables.items():
+            env.setdefault(name, value)
+    env.update(agent)
+    return {**body, "Env": [f"{name}={value}" for name, value in env.items()]}
+
+
+def masked_body(body: dict, secrets: dict[str, SecretReference]) -> dict:
+    """A create body as --dry-run shows it: each secret as where it comes from, never a value."""
+    if "Env" not in body:
+        return body   # a namespace holder
+    env = [e for e in body["Env"] if e.split("=", 1)[0] not in secrets]
+    env += [f"{name}={SECRET_MASK.format(reference.value_from)}" for name, reference in secrets.items()
+            if not name.startswith("log option ")]
+    return {**body, "Env": env}
+
+
+def planned_aws_calls(plan: TaskPlan, own_identity: bool) -> list[str]:
+    """The AWS calls `run` makes for a task before its containers start, in order (--dry-run)."""
+    calls = []
+    if plan.definition.get("taskRoleArn"):
+        calls.append(f"sts:AssumeRole {plan.definition['taskRoleArn']} (the task role)")
+    execution_role = plan.definition.get("executionRoleArn")
+    if execution_role and not own_identity:
+        calls.append(f"sts:AssumeRole {execution_role} (the execution role: the calls below use it)")
+    for planned in plan.containers:
+        for source in planned.definition.get("environmentFiles") or []:
+            kind, bucket, key = environment_file_source(source)
+            if kind == "s3":
+                calls.append(f"s3:GetObject {bucket}/{key} (container {planned.name})")
+        for name, reference in container_secrets(planned.definition, plan.identity.region).items():
+            calls.append(f"{reference.action} {reference.resource} in {reference.region} "
+                         f"(container {planned.name}, {name})")
+        credentials = (planned.definition.get("repositoryCredentials") or {}).get("credentialsParameter")
+        if credentials:
+            reference = secret_reference(credentials, plan.identity.region)
+            calls.append(f"{reference.action} {reference.resource} (container {planned.name}, registry credentials)")
+    for image in plan.images():
+        ecr = ECR_REGISTRY.fullmatch(registry_of(image))
+        if ecr:
+            calls.append(f"ecr:GetAuthorizationToken in {ecr[1]} (image {image})")
+    return calls
+
+
 # ---------------------------------------------------------------------------
 # run: one task's containers, started, watched and stopped as the ECS agent does
 # ---------------------------------------------------------------------------
@@ -3075,6 +3316,7 @@ CLONE_NEWNET = 0x40000000
 SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFADDR, SIOCSIFNETMASK = 0x8913, 0x8914, 0x8916, 0x891C
 ENDPOINTS_ALIAS = b"lo:ecs"              # the loopback alias that carries the endpoints' address
 DEPENDENCY_EXIT_CODE = 143               # the agent's exit code for a container whose dependency failed
+LOG_DRAIN_SECONDS = 30                   # how long a stopped container's last output may take to arrive
 
 
 def interface_request(name: bytes, address: str | None = None, flags: int = 0) -> bytes:
@@ -3268,8 +3510,13 @@ def run_container_metadata(container: dict, planned: PlannedContainer, desired: 
     doc = container_metadata(container, version, identity, health_since)
     doc["Name"] = planned.name
     doc["DesiredStatus"] = desired
-    if planned.is_holder:
+    if planned.is_holder:   # the agent's pause container: steady state RESOURCES_PROVISIONED, no limits
         doc["Type"] = "CNI_PAUSE"
+        doc["Limits"] = {"CPU": 0, "Memory": 0}
+        if desired == "RUNNING":
+            doc["DesiredStatus"] = "RESOURCES_PROVISIONED"
+        if doc["KnownStatus"] == "RUNNING":
+            doc["KnownStatus"] = "RESOURCES_PROVISIONED"
     log_configuration = planned.definition.get("logConfiguration") or {}
     if version >= 4 and log_configuration.get("logDriver"):
         doc["LogDriver"] = log_configuration["logDriver"]
@@ -4276,13 +4523,30 @@ def dependency_verdict(condition: str, dependency: ContainerRun, now: datetime) 
     return "wait", ""
 
 
+def in_parallel(work: Callable[[Any], Any], items: list) -> None:
+    """work(item) for every item, each on a thread of its own; back when all are done."""
+    threads = [threading.Thread(target=work, args=(item,)) for item in items]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 class TaskRunner:
     """`run TASKDEF`: the task's containers created, started in dependency order, watched, and
     stopped and removed as the ECS agent does; the endpoints served in each network namespace
     at 169.254.170.2:80.  Docker is called only through DockerClient; the state is the TaskRun."""
 
-    def __init__(self, endpoints: Endpoints, task: TaskRun, out: Any = None, err: Any = None):
+    def __init__(self, endpoints: Endpoints, task: TaskRun, pull: str = "missing", own_identity: bool = False,
+                 out: Any = None, err: Any = None):
         self.endpoints = endpoints
+        self.pull = pull                        # --pull: always, missing or never
+        self.own_identity = own_identity        # fetch with the developer's identity, not the execution role
+        self.fetch_credentials: Credentials | None = None   # the execution role's, once assumed
+        # What was fetched for each container: its environment files' variables and its secrets.
+        # Held here only, on the way to the container's environment: never in the TaskRun.
+        self.fetched: dict[str, tuple[list[dict[str, str]], dict[str, str]]] = {}
+        self.registry_auth: dict[str, str] = {}   # image -> X-Registry-Auth
         self.docker = endpoints.docker
         self.task = task
         self.plan = task.plan
@@ -4308,7 +4572,12 @@ class TaskRunner:
     def relay(self, name: str, run: ContainerRun, tty: bool) -> None:
         """A container's output, line by line on stdout, each prefixed with its name."""
         pending = {1: b"", 2: b""}
-        for stream, chunk in self.docker.logs(run.docker_id, tty):
+        try:
+            frames = self.docker.logs(run.docker_id, tty)
+        except (ApiError, LookupError) as exc:
+            self.say(f"{name}: its output cannot be read: {exc}")
+            return
+        for stream, chunk in frames:
             lines = (pending.get(stream, b"") + chunk).split(b"\n")
             pending[stream] = lines.pop()
             with self._print:
@@ -4339,6 +4608,8 @@ class TaskRunner:
             for warning in self.plan.warnings:
                 self.say(f"warning: {warning}")
             self.check_role()
+            self.check_execution_role()
+            self.fetch_references()
             threading.Thread(target=self.follow_events, args=(self.docker.task_events(self.plan.identity.arn),),
                              name="task-events", daemon=True).start()
             self.pull_images()
@@ -4376,6 +4647,91 @@ class TaskRunner:
             self.say(f"cannot assume the task role: {exc.message}{advice}")
             raise TaskStopping(f"CannotAssumeTaskRole: {exc.message}", 1) from None
         self.say(f"task role {role}: credentials at /v2/credentials/<id>")
+
+    def check_execution_role(self) -> None:
+        """The execution role, assumed before anything is fetched with it, as the agent has it."""
+        role = self.plan.definition.get("executionRoleArn")
+        if not role or self.own_identity:
+            return
+        try:
+            self.fetch_credentials = self.endpoints.vendor.role_arn(role).credentials
+        except ApiError as exc:
+            caller = None
+            with contextlib.suppress(Exception):
+                caller = self.endpoints.identity.get_caller_identity()["Arn"]
+            advice = f"\n{trust_policy_advice(role, caller)}" if exc.code == "AccessDenied" else ""
+            self.say(f"cannot assume the execution role: {exc.message}{advice}\n(--own-identity fetches "
+                     "with your identity instead)")
+            raise TaskStopping(f"CannotAssumeExecutionRole: {exc.message}", 1) from None
+        self.say(f"execution role {role}: secrets, environment files and registry credentials fetched with it")
+
+    def fetcher(self) -> str:
+        role = self.plan.definition.get("executionRoleArn")
+        return f"the execution role {role}" if self.fetch_credentials is not None else "your identity"
+
+    def aws(self, action: str, resource: str, where: str, call: Callable[[], Any]) -> Any:
+        """One fetch; a refusal stops the task before anything starts, naming who asked for what."""
+        try:
+            return call()
+        except Exception as exc:
+            error = aws_error(exc, action.split(":")[1], self.endpoints.identity.profile)
+            raise TaskStopping(f"{where}: {self.fetcher()} could not {action} on {resource}: {error.message}",
+                               1) from None
+
+    def fetch_references(self) -> None:
+        """Every container's environment files and secrets (and its registry's credentials),
+        fetched before any container is created, as the agent's task resources are."""
+        region = self.plan.identity.region
+        for planned in self.plan.containers:
+            definition = planned.definition
+            files = [self.read_environment_file(file, planned.name) for file in
+                     definition.get("environmentFiles") or []]
+            secrets = {name: self.read_secret(reference, f"container {planned.name}, secret {name}")
+                       for name, reference in container_secrets(definition, region).items()}
+            secrets = {name: value for name, value in secrets.items() if not name.startswith("log option ")}
+            self.fetched[planned.name] = (files, secrets)
+            parameter = (definition.get("repositoryCredentials") or {}).get("credentialsParameter")
+            if parameter:
+                where = f"container {planned.name}, repositoryCredentials"
+                document = self.read_secret(secret_reference(parameter, region), where)
+                try:
+                    login = json.loads(document)
+                    self.registry_auth[definition["image"]] = registry_auth(login["username"], login["password"],
+                                                                            registry_of(definition["image"]))
+                except (ValueError, KeyError, TypeError):
+                    raise TaskStopping(f"{where}: secret {parameter} must be JSON with username and password", 1
+                                       ) from None
+            if files or secrets:
+                self.say(f"{planned.name}: {len(files)} environment files and {len(secrets)} secrets fetched")
+
+    def read_environment_file(self, file: dict, container: str) -> dict[str, str]:
+        kind, location, key = environment_file_source(file)
+        where = f"container {container}, environment file {file['value']}"
+        if kind == "file":
+            try:
+                with open(location, encoding="utf-8") as local:
+                    return parse_env_file(local.read())
+            except OSError as exc:
+                raise TaskStopping(f"{where}: {exc.strerror}", 1) from None
+        content = self.aws("s3:GetObject", f"arn:aws:s3:::{location}/{key}", where,
+                           lambda: self.endpoints.identity.get_object(location, key, self.fetch_credentials))
+        return parse_env_file(content.decode("utf-8", errors="replace"))
+
+    def read_secret(self, reference: SecretReference, where: str) -> str:
+        identity = self.endpoints.identity
+        if reference.service == "ssm":
+            reply = self.aws(reference.action, reference.resource, where, lambda: identity.get_parameters(
+                [reference.identifier], reference.region, self.fetch_credentials))
+            if not reply.get("Parameters"):
+                raise TaskStopping(f"{where}: no SSM parameter {reference.identifier} in {reference.region}", 1)
+            return reply["Parameters"][0]["Value"]
+        secret = self.aws(reference.action, reference.resource, where, lambda: identity.get_secret_value(
+            reference.identifier, reference.version_stage, reference.version_id, reference.region,
+            self.fetch_credentials))
+        try:
+            return secret_value(secret, reference, where)
+        except ValueError as exc:
+            raise TaskStopping(str(exc), 1) from None
 
     def follow_events(self, events: Iterator[dict]) -> None:
         """Docker's events for the task's containers: each one re-inspected into the TaskRun."""
@@ -4418,22 +4774,39 @@ class TaskRunner:
         self.task.pull_started = now_text()
         for image in self.plan.images():
             self.check_stop()
+            if self.pull != "always":
+                try:
+                    self.docker.image(image)
+                    continue
+                except LookupError:
+                    if self.pull == "never":
+                        raise TaskStopping(f"CannotPullContainerError: {image}: not on this engine, and "
+                                           "--pull never", 1) from None
+            started = time.monotonic()
             try:
-                self.docker.image(image)
-                continue
-            except LookupError:
-                pass
-            self.say(f"pulling {image}")
-            try:
-                self.docker.pull(image)
+                self.docker.pull(image, self.pull_auth(image))
             except (ApiError, LookupError) as exc:
                 message = exc.message if isinstance(exc, ApiError) else "no such image"
                 if image in {holder.body["Image"] for holder in self.plan.holders}:
                     message += " (the network namespace holder's image: --pause-image names another)"
                 raise TaskStopping(f"CannotPullContainerError: {image}: {message}", 1) from None
+            self.say(f"pulled {image} in {time.monotonic() - started:.1f} s")
         self.task.pull_stopped = now_text()
         for run in self.task.containers.values():
             self.task.update(run.planned.docker_name, known="PULLED")
+
+    def pull_auth(self, image: str) -> str | None:
+        """The registry's credentials: repositoryCredentials' secret, or for ECR a token from
+        ecr:GetAuthorizationToken; none for a public image."""
+        if image in self.registry_auth:
+            return self.registry_auth[image]
+        ecr = ECR_REGISTRY.fullmatch(registry_of(image))
+        if not ecr:
+            return None
+        data = self.aws("ecr:GetAuthorizationToken", f"the registry {registry_of(image)}", f"image {image}",
+                        lambda: self.endpoints.identity.get_authorization_token(ecr[1], self.fetch_credentials))
+        username, _, password = base64.b64decode(data["authorizationToken"]).decode().partition(":")
+        return registry_auth(username, password, registry_of(image))
 
     def create_volumes(self) -> None:
         for name, body in self.plan.volumes:
@@ -4488,7 +4861,7 @@ class TaskRunner:
         self.host_address_added |= pid is None and added
         server = EndpointsServer((ENDPOINTS_ADDRESS, 80), self.endpoints, self.endpoints.config.max_connections,
                                  listening=listening, namespace=served)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http-task",
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="http-task",
                          daemon=True).start()
         self.servers.append(server)
 
@@ -4525,8 +4898,9 @@ class TaskRunner:
     def start(self, planned: PlannedContainer) -> None:
         self.check_stop()
         try:
-            body = planned.body
-            if planned.agent_region:
+            files, secrets = self.fetched.get(planned.name, ([], {}))
+            body = complete_environment(planned.body, planned.agent_region, files, secrets)
+            if planned.agent_region and not REGION_VARIABLES & {n for v in (*files, secrets) for n in v}:
                 body = without_agent_region(body, self.docker.image(body["Image"])["Config"].get("Env") or [])
             self.docker.create(planned.docker_name, body)
             self.refresh(planned.docker_name)
@@ -4556,41 +4930,34 @@ class TaskRunner:
                    if self.task.containers[c.docker_name].known in ("RUNNING", "CREATED")}
         while running:
             wave = [name for name in running if not dependents[name] & running]
-            threads = [threading.Thread(target=self.stop_one, args=(self.plan.container(name),)) for name in wave]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            in_parallel(self.stop_one, [self.plan.container(name) for name in wave])
             running -= set(wave)
-        for holder in self.plan.holders:
-            if self.task.containers[holder.docker_name].docker_id:
-                self.stop_one(holder, timeout=0)
 
-    def stop_one(self, planned: PlannedContainer, timeout: int | None = None) -> None:
+    def stop_one(self, planned: PlannedContainer) -> None:
         if self.task.containers[planned.docker_name].known == "STOPPED":
             return
         with contextlib.suppress(ApiError, LookupError):
-            self.docker.stop(planned.docker_name, 0 if self.hurry.is_set() else
-                             planned.stop_timeout if timeout is None else timeout)
+            self.docker.stop(planned.docker_name, 0 if self.hurry.is_set() else planned.stop_timeout)
         self.refresh(planned.docker_name)
 
     def remove_everything(self) -> None:
         """Every container, holder and task-scoped volume the task created, and the endpoints'
         listeners: nothing is left behind, whatever stopped the task."""
-        for thread in self.log_threads:
-            thread.join(timeout=2)
-        for server in self.servers:
-            server.shutdown()
-            server.server_close()
+        for thread in self.log_threads:   # every container has stopped: its output ends
+            thread.join(timeout=LOG_DRAIN_SECONDS)
+        in_parallel(lambda server: (server.shutdown(), server.server_close()), self.servers)
         if self.host_address_added:
             with contextlib.suppress(OSError):
                 remove_endpoints_address()
-        for planned in (*reversed(self.plan.containers), *self.plan.holders):
-            with contextlib.suppress(ApiError, LookupError):
-                self.docker.remove(planned.docker_name)
+        in_parallel(self.remove_one, [c.docker_name for c in self.plan.containers])
+        in_parallel(self.remove_one, [h.docker_name for h in self.plan.holders])   # killed as they go
         for name, _ in self.plan.volumes:
             with contextlib.suppress(ApiError, LookupError):
                 self.docker.remove_volume(name)
+
+    def remove_one(self, docker_name: str) -> None:
+        with contextlib.suppress(ApiError, LookupError):
+            self.docker.remove(docker_name)
 
 
 # ---------------------------------------------------------------------------
@@ -4708,9 +5075,19 @@ def parse_run_args(argv: list[str]) -> argparse.Namespace:
                         help="a task tag, beside the registered ones (repeatable)")
     parser.add_argument("--env-file", action="append", default=[], metavar="PATH",
                         help="VARIABLE=VALUE lines for every container; the task definition's environment "
-                             "wins (repeatable: later files win)")
+                             "and secrets win over it, it wins over its environmentFiles (repeatable: as ECS "
+                             "merges environment files, the first file that sets a variable wins)")
     parser.add_argument("--publish-address", default="127.0.0.1", metavar="ADDRESS",
                         help="host address port mappings are published on (default 127.0.0.1)")
+    parser.add_argument("--pull", choices=("always", "missing", "never"), default="missing",
+                        help="pull images always, only when the engine lacks them (the default, as docker run), "
+                             "or never")
+    parser.add_argument("--own-identity", action="store_true",
+                        help="fetch secrets, environment files and registry credentials with your identity, "
+                             "not the task definition's execution role")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the Docker create bodies (secrets masked) and the AWS calls the task would "
+                             "make, and make none of them")
     parser.add_argument("--pause-image", default=DEFAULT_PAUSE_IMAGE, metavar="IMAGE",
                         help=f"the image of the containers that hold network namespaces (default "
                              f"{DEFAULT_PAUSE_IMAGE}; any image whose default command waits forever)")
@@ -4737,10 +5114,8 @@ def load_run(args: argparse.Namespace, config: Config, identity: AwsIdentity) ->
     env_file: dict[str, str] = {}
     for path in args.env_file:
         with open(path, encoding="utf-8") as file:
-            try:
-                env_file.update(parse_env_file(file.read()))
-            except ValueError as exc:
-                raise TaskDefinitionError(path, str(exc)) from None
+            for name, value in parse_env_file(file.read()).items():
+                env_file.setdefault(name, value)
     try:
         extra_tags = parse_tags(",".join(args.tag)) if args.tag else {}
     except ValueError as exc:
@@ -4749,6 +5124,20 @@ def load_run(args: argparse.Namespace, config: Config, identity: AwsIdentity) ->
                          publish_address=args.publish_address, pause_image=args.pause_image,
                          env_file=env_file, tags=extra_tags)
     return plan_task(definition, tags, options)
+
+
+def dry_run(plan: TaskPlan, own_identity: bool) -> dict:
+    """What `run --dry-run` prints: the task, the AWS calls it would make, what it would create."""
+    region = plan.identity.region
+    return {
+        "taskArn": plan.identity.arn,
+        "awsCalls": planned_aws_calls(plan, own_identity),
+        "volumes": [body for _, body in plan.volumes],
+        "containers": [{"name": c.name, "dockerName": c.docker_name,
+                        "environmentFiles": [f["value"] for f in c.definition.get("environmentFiles") or []],
+                        "body": masked_body(c.body, container_secrets(c.definition, region))}
+                       for c in (*plan.holders, *plan.containers)],
+    }
 
 
 def run_main(argv: list[str]) -> int:
@@ -4766,7 +5155,10 @@ def run_main(argv: list[str]) -> int:
     except OSError as exc:
         print(f"local-endpoints run: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
-    runner = TaskRunner(endpoints, endpoints.task_run)
+    if args.dry_run:
+        print(json.dumps(dry_run(plan, args.own_identity), indent=2))
+        return 0
+    runner = TaskRunner(endpoints, endpoints.task_run, args.pull, args.own_identity)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, runner.request_stop)
     return runner.run()

@@ -5,7 +5,7 @@ Each example goes through ``up -d`` / wait for the app / check its output /
 (``le-ex-<run id>-...``), so that a race between services (a container taking
 169.254.170.2 from Docker's dynamic pool before the endpoints container does)
 fails here instead of for a user. A static test checks every example file
-(and the README's ``docker network create`` lines) for the addressing rule:
+(and the ``docker network create`` lines of the docs) for the addressing rule:
 on the special network 169.254.170.0/24 every fixed address lies outside the
 ``ip_range`` Docker hands out dynamic addresses from.
 
@@ -187,20 +187,18 @@ def test_app_containers_get_the_agent_uri(name, configs):
         assert "/api/" in env.get("ECS_AGENT_URI", ""), f"{service} has no ECS_AGENT_URI"
 
 
-def quick_start(text: str) -> str:
-    """The README's Quick start section."""
-    return text.split("\n## Quick start", 1)[1].split("\n## ", 1)[0]
+DOC_PAGES = ["README.md", "examples/README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md"))]
+PAGES_WITH_THE_NETWORK = {"docs/setups.md", "examples/README.md"}
 
 
-@pytest.mark.parametrize("readme", ["README.md", "examples/README.md"])
-def test_readme_network_create_keeps_fixed_addresses_out_of_the_pool(readme):
-    """The ``docker network create`` lines of the examples' README and the Quick start."""
-    text = (REPO / readme).read_text().replace("\\\n", " ")
-    if readme == "README.md":
-        text = quick_start(text)
+@pytest.mark.parametrize("page", DOC_PAGES)
+def test_docs_network_create_keeps_fixed_addresses_out_of_the_pool(page):
+    """Every ``docker network create`` line for the special network in the README and docs/."""
+    text = (REPO / page).read_text().replace("\\\n", " ")
     lines = [line for line in text.splitlines()
              if "docker network create" in line and "169.254.170." in line]
-    assert lines, f"{readme} shows no docker network create for 169.254.170.0/24"
+    if page in PAGES_WITH_THE_NETWORK:
+        assert lines, f"{page} shows no docker network create for 169.254.170.0/24"
     for line in lines:
         assert "--ip-range 169.254.170.128/25" in line, line
 

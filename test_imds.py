@@ -407,7 +407,7 @@ def test_clients_get_nothing_when_refused(start_server, bridge, secrets):
         assert bridge.botocore(server.port)["method"] is None
 
 
-# What README's "server on the host" recipe runs: the container resolves host.docker.internal
+# What docs/setups.md's "server on the host" recipe runs: the container resolves host.docker.internal
 # itself (--add-host ...:host-gateway) and busybox's nc and wget do what an SDK does.
 RECIPE_SCRIPT = r"""
 set -e

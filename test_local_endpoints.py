@@ -692,11 +692,11 @@ def test_cache_reuses_entries_with_more_than_twenty_minutes_left():
 # One definition per setting; route rules; lookups (in process, no Docker)
 # ---------------------------------------------------------------------------
 
-def test_readme_settings_table_is_made_from_the_definitions():
-    readme = (REPO_ROOT / "README.md").read_text()
-    table = readme.split("<!-- settings:begin -->\n", 1)[1].split("\n<!-- settings:end -->", 1)[0]
+def test_docs_settings_table_is_made_from_the_definitions():
+    page = (REPO_ROOT / "docs/settings.md").read_text()
+    table = page.split("<!-- settings:begin -->\n", 1)[1].split("\n<!-- settings:end -->", 1)[0]
     assert table == le.settings_table(), (
-        "README's settings table differs from SETTINGS; regenerate it with "
+        "docs/settings.md's settings table differs from SETTINGS; regenerate it with "
         "python3 -c 'import local_endpoints as le; print(le.settings_table())'")
 
 

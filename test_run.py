@@ -12,170 +12,15 @@ is left behind.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
-import testlib
-from testlib import SERVER_SCRIPT, SESSION_ID, Moto, console_script, nsenter_net, server_env, wait_for
+from testlib import SESSION_ID, RefusingAws, app_waits_for, console_script, get_in_task, in_task
 
 ROLE_NAME = "le-run-task-role"
-RUN_TIMEOUT = 120
-
-
-# =============================================================================
-# Fixtures: images, moto where containers reach it, the `run` process
-# =============================================================================
-
-@pytest.fixture(scope="session")
-def pause_image(docker_engine) -> str:
-    return testlib.pause_image(docker_engine)
-
-
-@pytest.fixture(scope="module")
-def task_moto(docker_engine, tmp_path_factory):
-    """moto behind the counting proxy on the bridge gateway: reached by the runner on the host and
-    by the AWS CLI inside a task container alike."""
-    m = Moto(tmp_path_factory.mktemp("moto") / "moto_server.log", host=testlib.bridge_gateway(docker_engine))
-    m.start()
-    try:
-        yield m
-    finally:
-        m.close()
-
-
-class TaskProcess:
-    """One `local_endpoints.py run` process: its stdout and stderr kept apart, as a user sees them."""
-
-    def __init__(self, proc: subprocess.Popen, out: Path, err: Path, family: str, engine):
-        self.proc, self.out_path, self.err_path = proc, out, err
-        self.family = family
-        self.engine = engine
-
-    @property
-    def stdout(self) -> str:
-        return self.out_path.read_text(errors="replace")
-
-    @property
-    def stderr(self) -> str:
-        return self.err_path.read_text(errors="replace")
-
-    def wait_for(self, text: str, timeout: float = 60) -> None:
-        """Until the runner's progress (stderr) says text; fails if it exits first."""
-        if not wait_for(lambda: text in self.stderr or self.proc.poll() is not None, timeout, 0.1) \
-                or text not in self.stderr:
-            pytest.fail(f"`run` did not say {text!r} (exit {self.proc.poll()}):\n{self.stderr}\n{self.stdout}",
-                        pytrace=False)
-
-    def finish(self, timeout: float = RUN_TIMEOUT) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            pytest.fail(f"`run` did not end within {timeout} s:\n{self.stderr}", pytrace=False)
-
-    def container(self, name: str) -> dict:
-        """docker inspect of the task's container of that task-definition name."""
-        ids = self.engine.cli("ps", "-aq", "--filter", f"label=com.amazonaws.ecs.task-definition-family={self.family}",
-                              "--filter", f"label=com.amazonaws.ecs.container-name={name}").stdout.split()
-        assert len(ids) == 1, (name, ids)
-        return self.engine.inspect(ids[0])
-
-    def left_behind(self) -> dict[str, list[str]]:
-        """What the task's labels still find on the engine: containers and volumes."""
-        label = f"label=com.amazonaws.ecs.task-definition-family={self.family}"
-        found = {"containers": self.engine.cli("ps", "-aq", "--filter", label).stdout.split()}
-        task_arns = set(re.findall(r"arn:aws:ecs:[^ ]*:task/[^ \n]*", self.stderr))
-        found["volumes"] = [v for arn in task_arns for v in self.engine.cli(
-            "volume", "ls", "-q", "--filter", f"label=com.amazonaws.ecs.task-arn={arn}").stdout.split()]
-        return {kind: items for kind, items in found.items() if items}
-
-
-@pytest.fixture
-def run_task(docker_engine, busybox_image, pause_image, task_moto, tmp_path, request):
-    """Factory: run_task(definition, *args, env=None) -> TaskProcess, started (not waited for).
-
-    The definition's family gets this test's name and session, its images "busybox" the
-    test image; at the end every process is ended and nothing of its task may be left.
-    """
-    started: list[TaskProcess] = []
-    home = tmp_path / "home"
-    home.mkdir()
-
-    def start(definition: dict | str, *args: str, env: dict | None = None) -> TaskProcess:
-        """definition: a task definition (written to a file), or a name to read from ECS."""
-        if isinstance(definition, str):
-            path, family = definition, definition.split(":")[0]
-        else:
-            family = re.sub(r"[^A-Za-z0-9-]", "-", f"le-run-{request.node.name[:40]}-{SESSION_ID}-{len(started)}")
-            definition = json.loads(json.dumps(definition).replace('"busybox"', json.dumps(busybox_image)))
-            definition["family"] = family
-            definition.setdefault("memory", "512")   # ECS refuses an EC2 task definition without memory
-            path = tmp_path / f"{family}.json"
-            path.write_text(json.dumps(definition))
-        out, err = tmp_path / f"{family}.out", tmp_path / f"{family}.err"
-        environment = server_env(home, {**task_moto.env, "AWS_ENDPOINT_URL": task_moto.url,
-                                        "DOCKER_HOST": docker_engine.host, **(env or {})})
-        with open(out, "wb") as stdout, open(err, "wb") as stderr:
-            proc = subprocess.Popen([sys.executable, str(SERVER_SCRIPT), "run", str(path), "--pause-image",
-                                     pause_image, *args], stdin=subprocess.DEVNULL, stdout=stdout,
-                                    stderr=stderr, env=environment, cwd=tmp_path)
-        task = TaskProcess(proc, out, err, family, docker_engine)
-        started.append(task)
-        return task
-
-    yield start
-    for task in started:
-        if task.proc.poll() is None:
-            task.proc.send_signal(signal.SIGINT)
-            try:
-                task.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                task.proc.kill()
-        left = task.left_behind()
-        for container in left.get("containers", []):
-            docker_engine.cli("rm", "-f", "-v", container, check=False)
-        for volume in left.get("volumes", []):
-            docker_engine.cli("volume", "rm", volume, check=False)
-        assert not left, f"the task left {left} behind:\n{task.stderr}"
-
-
-def in_task(task: TaskProcess, container: str, code: str, *args: str, env: dict | None = None
-            ) -> subprocess.CompletedProcess:
-    """Python code run in the network namespace of one of the task's containers, with that
-    container's environment (its ECS variables): a client inside the task."""
-    inspect = task.container(container)
-    environment = dict(e.split("=", 1) for e in inspect["Config"]["Env"])
-    environment = {k: v for k, v in environment.items() if k.startswith(("AWS_", "ECS_"))}
-    environment.update(PATH=os.environ["PATH"], HOME=str(Path.home()), AWS_EC2_METADATA_DISABLED="true",
-                       **{k: os.environ[k] for k in ("PYENV_ROOT", "PYENV_VERSION") if k in os.environ},
-                       **(env or {}))
-    return subprocess.run([*nsenter_net(inspect["State"]["Pid"]), sys.executable, "-c", code, *args],
-                          env=environment, capture_output=True, text=True, timeout=60)
-
-
-GET_JSON = ("import http.client, json, sys; c = http.client.HTTPConnection('169.254.170.2', 80, timeout=10); "
-            "c.request('GET', sys.argv[1]); r = c.getresponse(); print(json.dumps([r.status, json.loads(r.read())]))")
-
-
-def get_in_task(task: TaskProcess, container: str, path: str) -> tuple[int, object]:
-    result = in_task(task, container, GET_JSON, path)
-    assert result.returncode == 0, result.stderr
-    status, body = json.loads(result.stdout)
-    return status, body
-
-
-def app_waits_for(path: str, then: str) -> list[str]:
-    """A command that waits until `docker exec touch path` tells it to go on, then runs then."""
-    return ["sh", "-c", f"while [ ! -f {path} ]; do sleep 0.1; done; {then}"]
 
 
 # =============================================================================
@@ -368,46 +213,15 @@ def test_a_failed_success_dependency_stops_an_essential_container_with_the_agent
     assert not task.left_behind()
 
 
-class RefusingSts(BaseHTTPRequestHandler):
-    """An STS that refuses AssumeRole as AWS does for a role whose trust policy leaves the caller out.
-
-    A fake, because moto's AssumeRole does not evaluate trust policies: it accepts every caller.
-    GetCallerIdentity answers with a fixed user, so that the advice can name it.
-    """
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"])).decode()
-        if "Action=GetCallerIdentity" in body:
-            status, text = 200, ("<GetCallerIdentityResponse><GetCallerIdentityResult>"
-                                 "<Arn>arn:aws:iam::123456789012:user/dev</Arn><UserId>AIDA</UserId>"
-                                 "<Account>123456789012</Account></GetCallerIdentityResult></GetCallerIdentityResponse>")
-        else:
-            status, text = 403, ("<ErrorResponse><Error><Type>Sender</Type><Code>AccessDenied</Code><Message>"
-                                 "User: arn:aws:iam::123456789012:user/dev is not authorized to perform: "
-                                 "sts:AssumeRole on resource: arn:aws:iam::123456789012:role/prod-app"
-                                 "</Message></Error></ErrorResponse>")
-        self.send_response(status)
-        self.send_header("Content-Type", "text/xml")
-        self.send_header("Content-Length", str(len(text)))
-        self.end_headers()
-        self.wfile.write(text.encode())
-
-    def log_message(self, *args):
-        pass
-
-
 def test_a_role_the_developer_cannot_assume_stops_run_with_the_trust_policy_to_add(run_task):
-    sts = ThreadingHTTPServer(("127.0.0.1", 0), RefusingSts)
-    threading.Thread(target=sts.serve_forever, daemon=True).start()
-    try:
+    with RefusingAws() as sts:
         task = run_task({"networkMode": "awsvpc", "taskRoleArn": "arn:aws:iam::123456789012:role/prod-app",
                          "containerDefinitions": [{"name": "app", "image": "busybox", "command": ["true"]}]},
-                        env={"AWS_ENDPOINT_URL_STS": f"http://127.0.0.1:{sts.server_port}"})
+                        env={"AWS_ENDPOINT_URL_STS": sts.url})
         assert task.finish() == 1
-    finally:
-        sts.shutdown()
     progress = task.stderr
-    assert "cannot assume the task role: AssumeRole: AccessDenied" in progress
+    assert "cannot assume the task role: AssumeRole: AccessDenied: User: arn:aws:iam::123456789012:user/dev is not " \
+        "authorized to perform: sts:AssumeRole on resource: arn:aws:iam::123456789012:role/prod-app" in progress
     assert '"AWS": "arn:aws:iam::123456789012:user/dev"' in progress and '"Action": "sts:AssumeRole"' in progress
     assert "pulling" not in progress and "created" not in progress
     assert not task.left_behind()
@@ -432,7 +246,8 @@ def test_bridge_mode_links_ephemeral_ports_and_the_endpoints_in_each_container(r
     assert binding["HostIp"] == "127.0.0.1" and int(binding["HostPort"]) > 0
     with socket.create_connection(("127.0.0.1", int(binding["HostPort"])), timeout=5) as connection:
         connection.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        assert b"db here" in connection.recv(4096)
+        answer = b"".join(iter(lambda: connection.recv(4096), b""))
+    assert b"db here" in answer
     status, db = get_in_task(task, "db", "/v4")   # one container in this namespace: the caller
     assert status == 200 and db["Name"] == "db" and db["Networks"][0]["NetworkMode"] == "bridge"
     docker_engine.cli("exec", task.container("app")["Id"], "touch", "/tmp/done")

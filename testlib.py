@@ -1315,3 +1315,153 @@ class IdentityWithoutCallerIdentity:
         import botocore.exceptions
         self.asked += 1
         raise botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9/")
+
+
+# =============================================================================
+# `run TASKDEF` as a user runs it, and clients inside its task
+# =============================================================================
+
+RUN_TIMEOUT = 120
+
+
+class TaskProcess:
+    """One `local_endpoints.py run` process: its stdout and stderr kept apart, as a user sees them."""
+
+    def __init__(self, proc: subprocess.Popen, out: Path, err: Path, family: str, engine):
+        self.proc, self.out_path, self.err_path = proc, out, err
+        self.family = family
+        self.engine = engine
+
+    @property
+    def stdout(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout: float = 60) -> None:
+        """Until the runner's progress (stderr) says text; fails if it exits first."""
+        if not wait_for(lambda: text in self.stderr or self.proc.poll() is not None, timeout, 0.1) \
+                or text not in self.stderr:
+            pytest.fail(f"`run` did not say {text!r} (exit {self.proc.poll()}):\n{self.stderr}\n{self.stdout}",
+                        pytrace=False)
+
+    def finish(self, timeout: float = RUN_TIMEOUT) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            pytest.fail(f"`run` did not end within {timeout} s:\n{self.stderr}", pytrace=False)
+
+    def container(self, name: str) -> dict:
+        """docker inspect of the task's container of that task-definition name."""
+        ids = self.engine.cli("ps", "-aq", "--filter", f"label=com.amazonaws.ecs.task-definition-family={self.family}",
+                              "--filter", f"label=com.amazonaws.ecs.container-name={name}").stdout.split()
+        assert len(ids) == 1, (name, ids)
+        return self.engine.inspect(ids[0])
+
+    def left_behind(self) -> dict[str, list[str]]:
+        """What the task's labels still find on the engine: containers and volumes."""
+        label = f"label=com.amazonaws.ecs.task-definition-family={self.family}"
+        found = {"containers": self.engine.cli("ps", "-aq", "--filter", label).stdout.split()}
+        task_arns = set(re.findall(r"arn:aws:ecs:[^ ]*:task/[^ \n]*", self.stderr))
+        found["volumes"] = [v for arn in task_arns for v in self.engine.cli(
+            "volume", "ls", "-q", "--filter", f"label=com.amazonaws.ecs.task-arn={arn}").stdout.split()]
+        return {kind: items for kind, items in found.items() if items}
+
+
+def in_task(task: TaskProcess, container: str, code: str, *args: str, env: dict | None = None
+            ) -> subprocess.CompletedProcess:
+    """Python code run in the network namespace of one of the task's containers, with that
+    container's environment (its ECS variables): a client inside the task."""
+    inspect = task.container(container)
+    environment = dict(e.split("=", 1) for e in inspect["Config"]["Env"])
+    environment = {k: v for k, v in environment.items() if k.startswith(("AWS_", "ECS_"))}
+    environment.update(PATH=os.environ["PATH"], HOME=str(Path.home()), AWS_EC2_METADATA_DISABLED="true",
+                       **{k: os.environ[k] for k in ("PYENV_ROOT", "PYENV_VERSION") if k in os.environ},
+                       **(env or {}))
+    return subprocess.run([*nsenter_net(inspect["State"]["Pid"]), sys.executable, "-c", code, *args],
+                          env=environment, capture_output=True, text=True, timeout=60)
+
+
+GET_JSON = ("import http.client, json, sys; c = http.client.HTTPConnection('169.254.170.2', 80, timeout=10); "
+            "c.request('GET', sys.argv[1]); r = c.getresponse(); print(json.dumps([r.status, json.loads(r.read())]))")
+
+
+def get_in_task(task: TaskProcess, container: str, path: str) -> tuple[int, object]:
+    result = in_task(task, container, GET_JSON, path)
+    assert result.returncode == 0, result.stderr
+    status, body = json.loads(result.stdout)
+    return status, body
+
+
+def app_waits_for(path: str, then: str) -> list[str]:
+    """A command that waits until `docker exec touch path` tells it to go on, then runs then."""
+    return ["sh", "-c", f"while [ ! -f {path} ]; do sleep 0.1; done; {then}"]
+
+
+class _RefusingAwsHandler(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode(errors="replace")
+        target = self.headers.get("X-Amz-Target", "")   # the JSON protocol's action (SSM, Secrets Manager)
+        action = target.rpartition(".")[2] or dict(urllib.parse.parse_qsl(body)).get("Action", "")
+        self.server.actions.append(action)
+        if action == "GetCallerIdentity":
+            status, text = 200, ("<GetCallerIdentityResponse><GetCallerIdentityResult>"
+                                 f"<Arn>{RefusingAws.CALLER}</Arn><UserId>AIDA</UserId>"
+                                 "<Account>123456789012</Account></GetCallerIdentityResult></GetCallerIdentityResponse>")
+            content_type = "text/xml"
+        else:
+            message = f"User: {RefusingAws.CALLER} is not authorized to perform: {RefusingAws.SERVICES.get(action, 'sts')}:{action} on resource: {RefusingAws.resource(action, body)}"
+            if target:
+                status, content_type = 400, "application/x-amz-json-1.1"
+                text = json.dumps({"__type": "AccessDeniedException", "message": message})
+            else:
+                status, content_type = 403, "text/xml"
+                text = (f"<ErrorResponse><Error><Type>Sender</Type><Code>AccessDenied</Code><Message>{message}"
+                        "</Message></Error></ErrorResponse>")
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(text)))
+        self.end_headers()
+        self.wfile.write(text.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+class RefusingAws(ThreadingHTTPServer):
+    """An AWS endpoint (STS's query protocol, SSM's and Secrets Manager's JSON protocol) that
+    answers every action with AccessDenied, as AWS does where IAM denies it, but
+    GetCallerIdentity, which names a fixed user.  A fake, because moto evaluates no IAM policy:
+    it lets every caller assume every role and read every parameter.
+
+    ``with RefusingAws() as peer:`` serves on loopback; ``peer.url``; ``peer.actions`` lists
+    the actions asked for.
+    """
+
+    CALLER = "arn:aws:iam::123456789012:user/dev"
+    SERVICES = {"AssumeRole": "sts", "GetParameters": "ssm", "GetSecretValue": "secretsmanager"}
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _RefusingAwsHandler)
+        self.actions: list[str] = []
+        self.url = f"http://127.0.0.1:{self.server_port}"
+
+    @staticmethod
+    def resource(action: str, body: str) -> str:
+        if action == "AssumeRole":
+            return dict(urllib.parse.parse_qsl(body)).get("RoleArn", "")
+        with contextlib.suppress(ValueError):
+            request = json.loads(body)
+            return ",".join(request.get("Names") or [request.get("SecretId", "")])
+        return ""
+
+    def __enter__(self):
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()
