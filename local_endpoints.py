@@ -3234,6 +3234,13 @@ def registry_auth(username: str, password: str, server: str) -> str:
     return base64.urlsafe_b64encode(document.encode()).decode()
 
 
+def ecr_registry_auth(authorization: dict, registry: str) -> str:
+    """X-Registry-Auth from ecr:GetAuthorizationToken's authorizationData: its token is
+    base64 of "AWS:password"."""
+    username, _, password = base64.b64decode(authorization["authorizationToken"]).decode().partition(":")
+    return registry_auth(username, password, registry)
+
+
 def secret_value(secret: dict, reference: SecretReference, where: str) -> str:
     """The value a Secrets Manager reply gives a reference: the string, or one key of it as JSON."""
     text = secret.get("SecretString")
@@ -4805,8 +4812,7 @@ class TaskRunner:
             return None
         data = self.aws("ecr:GetAuthorizationToken", f"the registry {registry_of(image)}", f"image {image}",
                         lambda: self.endpoints.identity.get_authorization_token(ecr[1], self.fetch_credentials))
-        username, _, password = base64.b64decode(data["authorizationToken"]).decode().partition(":")
-        return registry_auth(username, password, registry_of(image))
+        return ecr_registry_auth(data, registry_of(image))
 
     def create_volumes(self) -> None:
         for name, body in self.plan.volumes:

@@ -10,10 +10,12 @@ needs root, Docker or AWS: run with ``-m 'not docker'``.
 
 from __future__ import annotations
 
+import base64
 import copy
 import itertools
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -1223,3 +1225,137 @@ class TestRunCommandRefuses:
         done = run_command(tmp_path, "./missing.json")
         assert done.returncode == 2
         assert "./missing.json: no such file, and not a family[:revision] or task definition ARN" in done.stderr
+
+
+# =============================================================================
+# What the task definition references outside itself
+# =============================================================================
+
+SECRET = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:db-AbCdEf"
+
+
+class TestSecretReference:
+    @pytest.mark.parametrize("value_from, service, region, identifier, key, stage, version", [
+        ("db_password", "ssm", "us-east-1", "db_password", "", "", ""),
+        ("/prod/db/password", "ssm", "us-east-1", "/prod/db/password", "", "", ""),
+        ("arn:aws:ssm:eu-west-1:123456789012:parameter/db_password", "ssm", "eu-west-1", "db_password", "", "", ""),
+        ("arn:aws:ssm:eu-west-1:123456789012:parameter/prod/db", "ssm", "eu-west-1", "/prod/db", "", "", ""),
+        (SECRET, "secretsmanager", "eu-west-1", SECRET, "", "", ""),
+        (f"{SECRET}:password::", "secretsmanager", "eu-west-1", SECRET, "password", "", ""),
+        (f"{SECRET}::AWSPREVIOUS:", "secretsmanager", "eu-west-1", SECRET, "", "AWSPREVIOUS", ""),
+        (f"{SECRET}:::v-1", "secretsmanager", "eu-west-1", SECRET, "", "", "v-1"),
+        (f"{SECRET}:user:AWSCURRENT:v-2", "secretsmanager", "eu-west-1", SECRET, "user", "AWSCURRENT", "v-2"),
+    ])
+    def test_forms_ecs_accepts(self, value_from, service, region, identifier, key, stage, version):
+        reference = le.secret_reference(value_from, "us-east-1")
+        assert (reference.service, reference.region, reference.identifier, reference.json_key,
+                reference.version_stage, reference.version_id) == (service, region, identifier, key, stage, version)
+
+    def test_action_and_resource_name_what_iam_checks(self):
+        assert (le.secret_reference("/a/b", "r").action, le.secret_reference("/a/b", "r").resource) == \
+            ("ssm:GetParameters", "/a/b")
+        assert (le.secret_reference(f"{SECRET}:k::", "r").action, le.secret_reference(f"{SECRET}:k::", "r").resource) \
+            == ("secretsmanager:GetSecretValue", SECRET)
+
+    @pytest.mark.parametrize("value_from", ["", "arn:aws:s3:::bucket/key", "arn:aws:kms:eu-west-1:1:key/x"])
+    def test_other_arns_are_refused(self, value_from):
+        with pytest.raises(ValueError, match="neither an SSM parameter"):
+            le.secret_reference(value_from, "r")
+
+    def test_validation_names_the_secret_field(self):
+        definition = task(container("a", secrets=[{"name": "X", "valueFrom": "arn:aws:s3:::b/k"}]))
+        assert refusal(definition).startswith("containerDefinitions[0].secrets[0].valueFrom: ")
+        definition = task(container("a", logConfiguration={"logDriver": "awslogs", "secretOptions": [
+            {"name": "k", "valueFrom": ""}]}))
+        assert refusal(definition).startswith("containerDefinitions[0].logConfiguration.secretOptions[0].valueFrom")
+        definition = task(container("a", repositoryCredentials={"credentialsParameter": "/ssm/param"}))
+        assert refusal(definition).startswith("containerDefinitions[0].repositoryCredentials.credentialsParameter")
+
+
+class TestSecretValue:
+    REFERENCE = le.secret_reference(f"{SECRET}:password::", "r")
+
+    def test_whole_string_and_a_json_key(self):
+        assert le.secret_value({"SecretString": "s3cret"}, le.secret_reference(SECRET, "r"), "w") == "s3cret"
+        assert le.secret_value({"SecretString": '{"password": "p", "port": 5432}'}, self.REFERENCE, "w") == "p"
+        port = le.secret_reference(f"{SECRET}:port::", "r")
+        assert le.secret_value({"SecretString": '{"port": 5432}'}, port, "w") == "5432"
+
+    @pytest.mark.parametrize("secret, message", [
+        ({"SecretString": "text"}, "is not JSON, so it has no key 'password'"),
+        ({"SecretString": '{"user": "u"}'}, "has no JSON key 'password'"),
+        ({"SecretString": "[1, 2]"}, "has no JSON key 'password'"),
+        ({"SecretBinary": b"x"}, "is binary; ECS injects only SecretString"),
+    ])
+    def test_what_cannot_be_met_names_where(self, secret, message):
+        with pytest.raises(ValueError, match=f"^container app, secret P: secret {re.escape(SECRET)} {message}"):
+            le.secret_value(secret, self.REFERENCE, "container app, secret P")
+
+
+class TestEnvironmentFiles:
+    def test_sources(self):
+        assert le.environment_file_source({"value": "arn:aws:s3:::bucket/dir/a.env", "type": "s3"}) == \
+            ("s3", "bucket", "dir/a.env")
+        assert le.environment_file_source({"value": "./local.env", "type": "s3"}) == ("file", "./local.env", "")
+
+    @pytest.mark.parametrize("file", [{"value": "arn:aws:s3:::bucket", "type": "s3"}, {"value": "", "type": "s3"},
+                                      {"value": "a.env", "type": "ftp"}])
+    def test_refused(self, file):
+        assert refusal(task(container("a", environmentFiles=[file]))).startswith(
+            "containerDefinitions[0].environmentFiles[0]: ")
+
+    def test_precedence_as_the_agent_merges(self):
+        body = {"Env": ["ECS_AGENT_URI=http://169.254.170.2/api/x", "FROM_ENVIRONMENT=env", "AWS_REGION=r",
+                        "AWS_DEFAULT_REGION=r"]}
+        files = [{"A": "first", "FROM_ENVIRONMENT": "file"}, {"A": "second", "B": "second"}]
+        secrets = {"FROM_ENVIRONMENT": "secret", "ECS_AGENT_URI": "mine"}
+        env = dict(e.split("=", 1) for e in le.complete_environment(body, True, files, secrets)["Env"])
+        assert env == {"ECS_AGENT_URI": "http://169.254.170.2/api/x", "FROM_ENVIRONMENT": "secret",
+                       "AWS_REGION": "r", "AWS_DEFAULT_REGION": "r", "A": "first", "B": "second"}
+
+    def test_a_region_from_a_file_replaces_the_agents(self):
+        body = {"Env": ["AWS_REGION=us-east-1", "AWS_DEFAULT_REGION=us-east-1"]}
+        env = dict(e.split("=", 1) for e in le.complete_environment(body, True, [{"AWS_REGION": "eu-west-1"}],
+                                                                    {})["Env"])
+        assert env == {"AWS_REGION": "eu-west-1"}
+
+
+class TestRegistries:
+    @pytest.mark.parametrize("image, registry", [
+        ("busybox", "docker.io"), ("library/busybox:1", "docker.io"), ("localhost/x", "localhost"),
+        ("127.0.0.1:5000/le/busybox:1", "127.0.0.1:5000"),
+        ("123456789012.dkr.ecr.eu-west-1.amazonaws.com/app:1", "123456789012.dkr.ecr.eu-west-1.amazonaws.com")])
+    def test_registry_of(self, image, registry):
+        assert le.registry_of(image) == registry
+
+    def test_registry_auth_is_docker_x_registry_auth(self):
+        header = le.registry_auth("user", "pass/word+", "127.0.0.1:5000")
+        assert json.loads(base64.urlsafe_b64decode(header)) == {
+            "username": "user", "password": "pass/word+", "serveraddress": "127.0.0.1:5000"}
+
+    def test_ecr_token(self):
+        token = base64.b64encode(b"AWS:ecr-password").decode()
+        header = le.ecr_registry_auth({"authorizationToken": token}, "1.dkr.ecr.r.amazonaws.com")
+        assert json.loads(base64.urlsafe_b64decode(header))["password"] == "ecr-password"
+        assert le.ECR_REGISTRY.fullmatch("123456789012.dkr.ecr.eu-west-1.amazonaws.com")[1] == "eu-west-1"
+
+
+class TestDryRun:
+    def test_calls_and_masked_bodies(self):
+        definition = task(container("a", image="123456789012.dkr.ecr.eu-west-1.amazonaws.com/app:1",
+                                    secrets=[{"name": "P", "valueFrom": f"{SECRET}:password::"}],
+                                    environmentFiles=[{"value": "arn:aws:s3:::b/x.env", "type": "s3"}]),
+                          taskRoleArn="arn:aws:iam::123456789012:role/task",
+                          executionRoleArn="arn:aws:iam::123456789012:role/exec")
+        made = plan(definition)
+        assert le.planned_aws_calls(made, own_identity=False) == [
+            "sts:AssumeRole arn:aws:iam::123456789012:role/task (the task role)",
+            "sts:AssumeRole arn:aws:iam::123456789012:role/exec (the execution role: the calls below use it)",
+            "s3:GetObject b/x.env (container a)",
+            f"secretsmanager:GetSecretValue {SECRET} in eu-west-1 (container a, P)",
+            "ecr:GetAuthorizationToken in eu-west-1 (image 123456789012.dkr.ecr.eu-west-1.amazonaws.com/app:1)"]
+        assert "sts:AssumeRole arn:aws:iam::123456789012:role/exec" not in " ".join(
+            le.planned_aws_calls(made, own_identity=True))
+        printed = le.dry_run(made, own_identity=False)
+        body = next(c for c in printed["containers"] if c["name"] == "a")["body"]
+        assert f"P=<secret from {SECRET}:password::>" in body["Env"]
