@@ -3487,9 +3487,11 @@ class TaskRun:
         return [c for c in self.containers.values() if c.inspect is not None and (
             not c.planned.is_holder or (c.planned.name == PAUSE_NAME and self.plan.identity.launch_type != "FARGATE"))]
 
-    def locate(self, identifier: str | None, namespace: frozenset[str]) -> tuple[Snapshot, dict]:
+    def locate(self, identifier: str | None, namespace: frozenset[str], whole_task: bool = False
+               ) -> tuple[Snapshot, dict]:
         """The container a request names (its V3EndpointID, or as the server matches names) or,
-        without one, the one container of the namespace the request came from."""
+        without one, the one container of the namespace the request came from (any of them when
+        the request is about the whole task)."""
         snapshot = self.snapshot
         if identifier in self.by_endpoint:
             found = [self.containers[self.by_endpoint[identifier]]]
@@ -3498,7 +3500,7 @@ class TaskRun:
             found = [c for c in self.visible() if c.docker_id in ids]
         else:
             found = [c for c in self.visible() if c.planned.name in namespace]
-        found = [c for c in found if c.docker_id in snapshot.containers]
+        found = [c for c in found if c.docker_id in snapshot.containers][:1 if whole_task else None]
         if len(found) != 1:
             raise ApiError(404, "ContainerNotFound" if not found else "AmbiguousContainer",
                            f"no container of task {self.plan.identity.task_id} matches {identifier!r}" if identifier
@@ -3952,14 +3954,15 @@ class Endpoints:
             snapshot.memo[key] = (found, own_id)
         return snapshot.memo[key]
 
-    def _locate(self, request: Request) -> tuple[Snapshot, dict, str | None]:
+    def _locate(self, request: Request, whole_task: bool = False) -> tuple[Snapshot, dict, str | None]:
         """The snapshot, the container a request is about, and the server's own container ID.
 
         A lookup that finds nothing looks again at a fresh snapshot: a container that
         has just started may ask before Docker's start event has reached the view.
+        whole_task: the request is about the caller's task, so any of its containers will do.
         """
         if self.task_run is not None:
-            return (*self.task_run.locate(request.params.get("ident"), request.namespace), None)
+            return (*self.task_run.locate(request.params.get("ident"), request.namespace, whole_task), None)
         snapshot = self.view.snapshot()
         found, own_id = self._match(snapshot, request)
         if not found:
@@ -4016,7 +4019,7 @@ class Endpoints:
 
     def _task(self, request: Request, with_tags: bool) -> bytes:
         version = request.params["version"]
-        snapshot, caller, own_id = self._locate(request)
+        snapshot, caller, own_id = self._locate(request, whole_task=True)
 
         def build() -> dict:
             task = self._task_identity(caller)
@@ -4049,7 +4052,7 @@ class Endpoints:
     def task_stats(self, request: Request) -> dict:
         """Full Docker ID -> stats for the task's containers; null (v2/v3) or {} (v4) when unavailable."""
         version = request.params["version"]
-        snapshot, caller, own_id = self._locate(request)
+        snapshot, caller, own_id = self._locate(request, whole_task=True)
         members = self._members(snapshot, caller, own_id)
         samples = self.stats.samples([c["Id"] for c in members if c["State"].get("Running")])
         empty = {} if version >= 4 else None
@@ -4062,7 +4065,7 @@ class Endpoints:
     def _protected_task(self, request: Request) -> str:
         """The ARN of the task the request names (or comes from), else the agent's error."""
         try:
-            _, caller, _ = self._locate(request)
+            _, caller, _ = self._locate(request, whole_task=True)
         except ApiError as exc:
             status, code = (404, "ResourceNotFoundException") if exc.status == 404 else (500, "ServerException")
             raise TaskProtectionError(status, code, f"{TASK_NOT_FOUND}: {exc.message}") from None
@@ -4639,38 +4642,32 @@ class TaskRunner:
             raise TaskStopping("Task stopped by user", self.signal_exit)
 
     def check_role(self) -> None:
-        """The task role, assumed once before anything starts: a role the developer cannot assume
-        stops the task here, with the trust policy that would let them."""
+        """The task role, assumed once before anything starts."""
         role = self.plan.definition.get("taskRoleArn")
-        if not role:
-            return
-        try:
-            self.endpoints.vendor.role_arn(role)
-        except ApiError as exc:
-            caller = None
-            with contextlib.suppress(Exception):
-                caller = self.endpoints.identity.get_caller_identity()["Arn"]
-            advice = f"\n{trust_policy_advice(role, caller)}" if exc.code == "AccessDenied" else ""
-            self.say(f"cannot assume the task role: {exc.message}{advice}")
-            raise TaskStopping(f"CannotAssumeTaskRole: {exc.message}", 1) from None
-        self.say(f"task role {role}: credentials at /v2/credentials/<id>")
+        if role:
+            self.assume(role, "task role", "CannotAssumeTaskRole")
+            self.say(f"task role {role}: credentials at /v2/credentials/<id>")
 
     def check_execution_role(self) -> None:
         """The execution role, assumed before anything is fetched with it, as the agent has it."""
         role = self.plan.definition.get("executionRoleArn")
-        if not role or self.own_identity:
-            return
+        if role and not self.own_identity:
+            self.fetch_credentials = self.assume(role, "execution role", "CannotAssumeExecutionRole",
+                                                 "\n(--own-identity fetches with your identity instead)")
+            self.say(f"execution role {role}: secrets, environment files and registry credentials fetched with it")
+
+    def assume(self, role: str, what: str, reason: str, hint: str = "") -> Credentials:
+        """A role the developer's identity assumes for the task; one it cannot stops the task
+        before anything starts, with the trust policy statement that would let it."""
         try:
-            self.fetch_credentials = self.endpoints.vendor.role_arn(role).credentials
+            return self.endpoints.vendor.role_arn(role).credentials
         except ApiError as exc:
             caller = None
             with contextlib.suppress(Exception):
                 caller = self.endpoints.identity.get_caller_identity()["Arn"]
             advice = f"\n{trust_policy_advice(role, caller)}" if exc.code == "AccessDenied" else ""
-            self.say(f"cannot assume the execution role: {exc.message}{advice}\n(--own-identity fetches "
-                     "with your identity instead)")
-            raise TaskStopping(f"CannotAssumeExecutionRole: {exc.message}", 1) from None
-        self.say(f"execution role {role}: secrets, environment files and registry credentials fetched with it")
+            self.say(f"cannot assume the {what}: {exc.message}{advice}{hint}")
+            raise TaskStopping(f"{reason}: {exc.message}", 1) from None
 
     def fetcher(self) -> str:
         role = self.plan.definition.get("executionRoleArn")

@@ -125,6 +125,14 @@ def test_three_container_awsvpc_task_runs_as_on_ecs(run_task, task_moto, docker_
     assert network["NetworkMode"] == "awsvpc" and network["IPv4Addresses"]
     status, own = get_in_task(task, "app", f"/v4/{endpoint}")
     assert own["Name"] == "app" and own["DockerId"] == app["Id"]
+    status, v3 = get_in_task(task, "app", f"/v3/{endpoint}/task")
+    assert status == 200 and v3["TaskARN"] == metadata["TaskARN"] and "LaunchType" not in v3
+    status, v2 = get_in_task(task, "app", "/v2/metadata")
+    assert status == 200 and v2["TaskARN"] == metadata["TaskARN"]
+    status, stats = get_in_task(task, "app", f"/v4/{endpoint}/task/stats")
+    assert status == 200 and stats[app["Id"]]["cpu_stats"] and "network_rate_stats" in stats[app["Id"]]
+    status, own_stats = get_in_task(task, "app", f"/v4/{endpoint}/stats")
+    assert status == 200 and own_stats["id"] == app["Id"]
 
     detector = in_task(task, "app", "from opentelemetry.sdk.extension.aws.resource.ecs import AwsEcsResourceDetector; "
                                     "import json; a = AwsEcsResourceDetector(raise_on_error=True).detect().attributes; "

@@ -263,3 +263,19 @@ def test_a_private_image_is_pulled_with_repository_credentials(run_task, task_mo
     never = run_task(definition, "--pull", "never")
     assert never.finish() == 1
     assert f"CannotPullContainerError: {image}: not on this engine, and --pull never" in never.stderr
+
+
+def test_an_execution_role_the_developer_cannot_assume_stops_run_before_any_fetch(run_task):
+    """RefusingAws stands for STS: moto lets every caller assume every role."""
+    with RefusingAws() as sts:
+        task = run_task({"networkMode": "awsvpc", "executionRoleArn": "arn:aws:iam::123456789012:role/exec",
+                         "containerDefinitions": [{"name": "app", "image": "busybox", "command": ["true"],
+                                                   "secrets": [{"name": "P", "valueFrom": "/p"}]}]},
+                        env={"AWS_ENDPOINT_URL_STS": sts.url})
+        assert task.finish() == 1
+    assert sts.actions == ["AssumeRole", "GetCallerIdentity"]
+    progress = task.stderr
+    assert "cannot assume the execution role: AssumeRole: AccessDenied" in progress
+    assert f'"AWS": "{RefusingAws.CALLER}"' in progress and "--own-identity" in progress
+    assert "task STOPPED: CannotAssumeExecutionRole: " in progress
+    assert not task.left_behind()
