@@ -11,25 +11,42 @@ ECS or Fargate:
   ``AWS_EC2_METADATA_SERVICE_ENDPOINT`` from any network;
 * task metadata and stats (v2, v3, v4) built from the live Docker Engine
   (or podman's Docker API);
-* task scale-in protection at ``ECS_AGENT_URI`` (``/api/{id}/task-protection/v1/state``).
+* task scale-in protection at ``ECS_AGENT_URI`` (``/api/{id}/task-protection/v1/state``);
+* ``run TASKDEF``: a task definition's containers started as the ECS agent starts
+  them, with the endpoints at 169.254.170.2 in their network namespaces and their
+  task role at ``/v2/credentials/{id}``.
 
 Reading guide for auditors: every route is in ``ROUTES`` near the end of the
 file, written as a rule such as ``/v{version:3|4}[/{ident:container}]/task``
 (``compile_rule`` says what each part means); each names one small handler
 method of ``Endpoints``.  Every outbound call is a named method of one of two
-classes: ``DockerClient`` (version, containers, inspect, networks, events,
-stats: the Docker Engine API over its socket) and ``AwsIdentity`` (boto3's
-credential chain; get_session_token, get_caller_identity, get_role, assume_role
-on STS and IAM).  Routes that hand out credentials or change state are marked
-``guarded`` in the table; ``CallerPolicy`` decides who may call them,
-``RoleAllowlist`` which roles may be handed out, and ``AuditTrail`` records every
-answer of the credentials routes (marked ``audited``).  The IMDS routes hand them
-out too but are not marked, since SDKs send IMDS no Authorization header:
-``Endpoints._imds_admit`` applies the allowlist and IMDS's session tokens.  Every
-setting is one row of ``SETTINGS``.
+classes, and every public method of the two is listed here: ``DockerClient``
+(the Docker Engine API over its socket: ``version``, ``containers``,
+``inspect``, ``networks``, ``events``, ``stats`` for the metadata; ``image``,
+``pull``, ``create``, ``start``, ``stop``, ``remove``, ``create_volume``,
+``volume``, ``remove_volume``, ``logs``, ``task_events`` for the task of run;
+``timeout_error`` only makes the error) and ``AwsIdentity``
+(``resolve_at_startup``, ``source``, ``base``: boto3's
+credential chain, which may call out for SSO, assume-role profiles or
+credential_process, and the MFA session opened at start-up;
+``check_mfa_session``, ``mfa_session_ends``: what is known of that session, no
+call; ``get_session_token``, ``get_caller_identity``, ``get_role``,
+``assume_role``: STS and IAM; ``describe_task_definition``, ``get_parameters``,
+``get_secret_value``, ``get_object``, ``get_authorization_token``: ECS, SSM,
+Secrets Manager, S3 and ECR, for run, with the execution role's credentials
+when the task has one).
+Each row of ``ROUTES`` also says who may call the route (its ``guard``: anyone;
+an allowed network and the authorization token; IMDS's allowed network and
+session token; the credentials id ``run`` gave a task) and whether every answer is recorded
+(``audited``); ``RequestHandler.answer`` applies both to every request, and no
+handler checks a caller itself.  ``CallerPolicy`` decides which networks and
+token are allowed, ``RoleAllowlist`` which roles may be handed out, and
+``AuditTrail`` writes the records, each before its answer is sent (a log line
+is one write(2), ``LineHandler``).  Every setting is one row of ``SETTINGS``.
 
-Sections, in data-flow order: configuration, Docker client, credentials,
-metadata builders, stats, the route table, the HTTP handler, main().
+Sections, in file order: configuration, Docker client, credentials, metadata
+builders, task definitions, run (one task's containers), stats, the route table
+and its handlers, the HTTP handler, run (the command), main().
 """
 
 from __future__ import annotations
@@ -41,6 +58,7 @@ import copy
 import ctypes
 import email.message
 import email.utils
+import enum
 import errno
 import fcntl
 import functools
@@ -91,6 +109,16 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_TASK_ARN = (
     "arn:aws:ecs:us-west-2:111111111111:task/ecs-local-cluster/37e873f6-37b4-42a7-af47-eac7275c6152"
 )
+
+
+def default_task_arn(cluster_arn: str, project: str | None) -> str:
+    """TASK_ARN's default: a compose project's own stable ARN, in the region and account of
+    CLUSTER_ARN when that is an ARN; outside compose the original's fixed default."""
+    if not project:
+        return DEFAULT_TASK_ARN
+    cluster = cluster_arn.split(":")
+    prefix = ":".join(cluster[:5]) if len(cluster) > 5 else DEFAULT_TASK_ARN.split(":task/")[0]
+    return f"{prefix}:task/{cluster_name(cluster_arn)}/{uuid.uuid5(TASK_ID_NAMESPACE, project)}"
 
 
 class ConfigError(Exception):
@@ -231,6 +259,10 @@ class Setting:
     lenient: bool = False          # a bad value warns and the default applies, as in the original
     flag: str = ""                 # a command-line flag that overrides the variable
     origin: str = "new"            # how it relates to the original's settings
+    # Defaults worked out rather than written (shown_default says how): from the environment
+    # at start-up (load_config), or for each task from what task_identity() knows of it.
+    default_of: Callable[[Mapping[str, str]], Any] | None = None
+    task_default: Callable[..., str] | None = None
 
     def meaning(self) -> str:
         return self.help + (f" (also read: {', '.join(self.aliases)})" if self.aliases else "")
@@ -241,7 +273,7 @@ class Setting:
         text = given if given is not None else next(
             (environ[n] for n in (self.name, *self.aliases) if environ.get(n)), self.default)
         if not text:
-            return None
+            return self.default_of(environ) if self.default_of else None
         try:
             return self.parse(text)
         except ValueError as exc:
@@ -277,20 +309,23 @@ SETTINGS: tuple[Setting, ...] = (
                           "(Docker Desktop), $XDG_RUNTIME_DIR/docker.sock (rootless), "
                           "~/.colima/default/docker.sock, /run/podman/podman.sock, "
                           "$XDG_RUNTIME_DIR/podman/podman.sock",
-            origin="Docker's standard variable, which the original's Docker client read too"),
+            origin="Docker's standard variable, which the original's Docker client read too",
+            default_of=lambda environ: default_docker_host(environ)),   # defined with the Docker client
     Setting("CLUSTER_ARN", "cluster_arn", "ecs-local-cluster", str, "Cluster in task metadata",
             origin="original"),
     Setting("TASK_ARN", "task_arn", "", str, "TaskARN",
             shown_default="one stable ARN per compose project; outside compose the original's fixed default",
-            origin="original, which used its fixed default for every task"),
+            origin="original, which used its fixed default for every task",
+            task_default=default_task_arn),
     Setting("TASK_DEFINITION_FAMILY", "task_family", "", str, "Family",
             shown_default="the compose project, else ecs-local-task-definition",
-            origin="original (its default was esc-local-task-definition)"),
+            origin="original (its default was esc-local-task-definition)",
+            task_default=lambda project: project or "ecs-local-task-definition"),
     Setting("TASK_DEFINITION_REVISION", "task_revision", "1", str, "Revision", origin="original"),
     Setting("LAUNCH_TYPE", "launch_type", "EC2", choice("EC2", "FARGATE", "EXTERNAL"),
             "LaunchType (v4): EC2, FARGATE or EXTERNAL"),
     Setting("AVAILABILITY_ZONE", "availability_zone", "", str, "AvailabilityZone",
-            shown_default="region of the task ARN + a"),
+            shown_default="region of the task ARN + a", task_default=lambda region: f"{region}a"),
     Setting("AVAILABILITY_ZONE_ID", "availability_zone_id", "", str,
             "AvailabilityZoneID (v4), e.g. usw2-az1; left out when unset"),
     Setting("VPC_ID", "vpc_id", "", str, "VPCID (v4, EC2 launch type only); left out when unset"),
@@ -339,6 +374,7 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+@functools.cache
 def setting(name: str) -> Setting:
     return next(s for s in SETTINGS if s.name == name)
 
@@ -351,7 +387,7 @@ class Config:
     shared_token_expiration: float
     sts_endpoint: str | None
     iam_endpoint: str | None
-    docker_host: str | None
+    docker_host: str
     cluster_arn: str
     task_arn: str | None
     task_family: str | None
@@ -421,7 +457,11 @@ def log_level(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
 
 def load_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     """Every setting from its flag, else the environment, else its default in SETTINGS."""
-    return Config(**{s.field: s.read(environ, args) for s in SETTINGS if s.field})
+    config = Config(**{s.field: s.read(environ, args) for s in SETTINGS if s.field})
+    if config.authorization_token and config.authorization_token_file:
+        raise ConfigError("ECS_LOCAL_AUTHORIZATION_TOKEN and ECS_LOCAL_AUTHORIZATION_TOKEN_FILE are both set: "
+                          "set one (the file, to rotate the token without a restart)")
+    return config
 
 
 def default_config() -> Config:
@@ -551,7 +591,7 @@ def choose_api_version(server: dict) -> str:
 
 def default_docker_host(environ: Mapping[str, str]) -> str:
     """The first socket that exists of the usual places (DOCKER_HOST unset)."""
-    home = os.path.expanduser("~")
+    home = environ.get("HOME") or os.path.expanduser("~")
     runtime = environ.get("XDG_RUNTIME_DIR")
     candidates = ["/var/run/docker.sock", f"{home}/.docker/run/docker.sock"]
     if runtime:
@@ -1148,6 +1188,8 @@ ASSUME_ROLE_SECONDS = 3600
 MFA_ATTEMPTS = 3                        # MFA codes asked at start-up before giving up (AWS refused them)
 MFA_WARN_SECONDS = 3600                 # the log says once when the MFA session has less than this left
 IDENTITY_RETRY_SECONDS = 300            # a failed sts:GetCallerIdentity is not retried for this long
+MISSING_ROLE_SECONDS = 60               # a role IAM said does not exist is not asked for again for this long
+MISSING_ROLES_KEPT = 1024               # at most this many such names remembered (any caller may send any)
 ROLE_NAME = re.compile(r"[\w+=,.@-]{1,64}", re.ASCII)
 ROLE_ARN = re.compile(r"arn:aws(?:-[a-z]+)*:iam::\d{12}:role/(?:[\x21-\x2e\x30-\x7e]+/){0,50}([\w+=,.@-]{1,64})",
                       re.ASCII)
@@ -1250,8 +1292,9 @@ def account_of(arn: str) -> str:
 class Issued:
     """Credentials handed out, with what the audit trail says about them."""
     credentials: Credentials
-    identity: str    # the role ARN, or the base identity's ARN for /creds
-    source: str      # "sts" (called for this request) or "cache"
+    identity: str | None   # the role ARN, or the base identity's ARN for /creds (None: STS would not say)
+    source: str            # "sts" (called for this request), "cache", or "passthrough" (the base
+                           # identity's temporary credentials, handed on as they are)
 
 
 class MfaCodeRequired(Exception):
@@ -1542,15 +1585,50 @@ def session_name_for(arn: str) -> str:
 
 
 class KeyedLocks:
-    """One lock per key, so concurrent requests for one identity make one AWS call."""
+    """One lock per key, so concurrent requests for one identity make one AWS call; a key's
+    lock is dropped when nobody holds or waits for it, so role names asked once leave nothing."""
 
     def __init__(self):
-        self._locks: dict[Any, threading.Lock] = {}
+        self._locks: dict[Any, tuple[threading.Lock, int]] = {}   # key -> (its lock, holders and waiters)
         self._guard = threading.Lock()
 
-    def __call__(self, key: Any) -> threading.Lock:
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    def _join(self, key: Any) -> threading.Lock:
         with self._guard:
-            return self._locks.setdefault(key, threading.Lock())
+            lock, users = self._locks.get(key) or (threading.Lock(), 0)
+            self._locks[key] = (lock, users + 1)
+            return lock
+
+    def _leave(self, key: Any) -> None:
+        with self._guard:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    @contextlib.contextmanager
+    def __call__(self, key: Any) -> Iterator[None]:
+        lock = self._join(key)
+        try:
+            with lock:
+                yield
+        finally:
+            self._leave(key)
+
+    def try_hold(self, key: Any) -> Callable[[], None] | None:
+        """key's lock if it is free, as the function that releases it; None if it is held."""
+        lock = self._join(key)
+        if not lock.acquire(blocking=False):
+            self._leave(key)
+            return None
+
+        def release() -> None:
+            lock.release()
+            self._leave(key)
+        return release
 
 
 class CredentialVendor:
@@ -1569,9 +1647,11 @@ class CredentialVendor:
         self.allowed_roles = config.allowed_roles
         self._cache: dict[str, Credentials] = {}
         self._role_arns: dict[str, str] = {}
+        self._missing_roles: dict[str, tuple[float, str]] = {}   # role name -> (when IAM said so, what it said)
         self._callers: dict[str, tuple[float, dict | None]] = {}   # access key -> (when asked, identity)
         self._last_with_account: tuple[Credentials, Credentials] | None = None
         self._locks = KeyedLocks()
+        self._guard = threading.Lock()   # for the memo of missing roles
 
     def _call(self, action: str, function: Callable[[], Any]) -> Any:
         try:
@@ -1588,17 +1668,17 @@ class CredentialVendor:
             credentials, source = self._cached("profile-role:" + profile.role_arn,
                                                functools.partial(self._assume_profile_role, profile))
             return Issued(credentials, profile.role_arn, source)
-        frozen, expiry, method = self._call("LoadCredentials", self.identity.base)
+        frozen, expiry, _ = self._call("LoadCredentials", self.identity.base)
         if frozen.token:
             expiration = expiry or (datetime.now(timezone.utc)
                                     + timedelta(seconds=self.config.shared_token_expiration))
             credentials, source = Credentials(frozen.access_key, frozen.secret_key, frozen.token,
-                                              expiration.replace(microsecond=0)), "cache"
+                                              expiration.replace(microsecond=0)), "passthrough"
         else:
             credentials, source = self._cached("session:" + frozen.access_key, self._get_session_token)
         caller = self._caller_identity(frozen.access_key)
-        if caller is None:
-            return Issued(credentials, method, source)
+        if caller is None:   # no ARN to name: botocore's credential method is not an identity
+            return Issued(credentials, None, source)
         return Issued(self._with_account(credentials, caller["Account"]), caller["Arn"], source)
 
     def _with_account(self, credentials: Credentials, account: str) -> Credentials:
@@ -1664,14 +1744,38 @@ class CredentialVendor:
         self._call("LoadCredentials", self.identity.check_mfa_session)
         arn = self._role_arns.get(name)
         if arn is None:
+            self._check_not_missing(name)
             with self._locks("role-name:" + name):
                 arn = self._role_arns.get(name)
                 if arn is None:
-                    role = self._call("GetRole", lambda: self.identity.get_role(name))
+                    self._check_not_missing(name)   # another request asked while we waited
+                    try:
+                        role = self._call("GetRole", lambda: self.identity.get_role(name))
+                    except ApiError as exc:
+                        if exc.code == "NoSuchRole":
+                            self._remember_missing(name, exc.message)
+                        raise
                     arn = self._role_arns[name] = role["Arn"]
         if allowed is None and not self.allowed_roles.arn_allowed(arn):
             raise self.allowed_roles.refusal(f"{name} ({arn})")
         return self._assume(arn)
+
+    def _check_not_missing(self, name: str) -> None:
+        """The error IAM gave for a role that does not exist, while it is remembered."""
+        known = self._missing_roles.get(name)
+        if known is not None and time.monotonic() - known[0] < MISSING_ROLE_SECONDS:
+            raise ApiError(404, "NoSuchRole", f"{known[1]} (IAM said so {time.monotonic() - known[0]:.0f} s ago; "
+                                              f"it is asked again {MISSING_ROLE_SECONDS} s after that)")
+
+    def _remember_missing(self, name: str, message: str) -> None:
+        now = time.monotonic()
+        with self._guard:
+            if len(self._missing_roles) >= MISSING_ROLES_KEPT:
+                self._missing_roles = {n: known for n, known in self._missing_roles.items()
+                                       if now - known[0] < MISSING_ROLE_SECONDS}
+                while len(self._missing_roles) >= MISSING_ROLES_KEPT:
+                    del self._missing_roles[next(iter(self._missing_roles))]   # the oldest
+            self._missing_roles[name] = (now, message)
 
     def role_arn(self, arn: str) -> Issued:
         """/role-arn/{arn}: AssumeRole on the ARN as given (paths and partitions included)."""
@@ -1719,8 +1823,8 @@ class CredentialVendor:
         return fresh
 
     def _refresh_ahead(self, key: str, fetch: Callable[[], Credentials]) -> None:
-        lock = self._locks(key)
-        if not lock.acquire(blocking=False):
+        release = self._locks.try_hold(key)
+        if release is None:
             return   # a refresh is already under way
 
         def refresh() -> None:
@@ -1729,7 +1833,7 @@ class CredentialVendor:
             except ApiError:
                 pass   # _fetch logged it; the entry is still fresh
             finally:
-                lock.release()
+                release()
         threading.Thread(target=refresh, name="refresh-" + key[:40], daemon=True).start()
 
 
@@ -1792,9 +1896,7 @@ class CallerPolicy:
     def __init__(self, config: Config, view: ContainerView):
         self._explicit = config.allowed_callers
         self._token = config.authorization_token
-        self._token_file = None
-        if self._token is None and config.authorization_token_file:
-            self._token_file = TokenFile(config.authorization_token_file)
+        self._token_file = TokenFile(config.authorization_token_file) if config.authorization_token_file else None
         self._view = view
         # (bridge subnets it holds for, caller -> allowed): replaced when the subnets change.
         self._verdicts: tuple[tuple[IPNetwork, ...] | None, dict[IPAddress, bool]] = (None, {})
@@ -1920,6 +2022,9 @@ class AuditTrail:
         self._view = view
         self._task = task   # `run`'s task ARN: every record is of a request from that task
         self._own_candidates = own_candidates
+        # With logging as main() configures it (set up before this), the lines go to its
+        # LineHandler directly, as the same text; any other configuration gets log records.
+        self._lines = sole_line_handler(audit_log)
         self._lock = threading.Lock()
         self._file = None
         if path:
@@ -1947,7 +2052,8 @@ class AuditTrail:
                role: str | None = None) -> None:
         """What a credentials route answered: the credentials issued, or the error.
 
-        role is the role asked for, by default the route's name or arn parameter.
+        role is the role asked for (Endpoints.role_asked), named when the credentials issued
+        do not say whose they are.
 
         On the hot path of every credentials request: one log call, and one write when
         ECS_LOCAL_AUDIT_LOG is set; nothing is worked out that neither needs.
@@ -1956,17 +2062,15 @@ class AuditTrail:
         logged = audit_log.isEnabledFor(level)
         if self._file is None and not logged:
             return
-        if role is None:
-            role = request.params.get("arn") or request.params.get("name")
         # Cut to what a real role ARN can be (a path of up to 512 characters): a refused
         # request may send 64 KiB.
         route = route[:AUDIT_TEXT_LIMIT]
-        role = (issued.identity if issued else role or "")[:AUDIT_TEXT_LIMIT] or None
+        role = ((issued and issued.identity) or role or "")[:AUDIT_TEXT_LIMIT] or None
         container = self.container(request.caller)
         credentials = issued.credentials if issued else None
         outcome = "served" if error is None else error.code
         if logged:   # the access line's facts too: for these routes this line stands for it
-            line = f"credentials route={safe(route)} caller={request.caller}"
+            line = f"credentials route={safe(route)} caller={request.caller!s}"   # !s: str(), not ipaddress's slower __format__
             if container:
                 line += f" container={container}"
             if self._task:
@@ -1980,7 +2084,10 @@ class AuditTrail:
                      f" elapsed={(time.monotonic() - request.received) * 1000:.1f}ms")
             if error:
                 line += f" reason={safe(error.message)}"
-            audit_log.log(level, "%s", line)
+            if self._lines is not None:   # the same line, written whole, without a LogRecord
+                self._lines.write_line(level, audit_log.name, line)
+            else:
+                audit_log.log(level, "%s", line)
         if self._file is not None:
             entry = {
                 "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
@@ -2034,28 +2141,21 @@ class TaskIdentity:
 
 
 def task_identity(config: Config, project: str | None, service: str | None) -> TaskIdentity:
-    """A compose project's own stable task ARN, in the region and account of CLUSTER_ARN when
-    that is an ARN, so that cluster, task and container ARNs agree."""
-    if config.task_arn:
-        arn = config.task_arn
-    elif project:
-        cluster = config.cluster_arn.split(":")
-        prefix = ":".join(cluster[:5]) if len(cluster) > 5 else DEFAULT_TASK_ARN.split(":task/")[0]
-        arn = f"{prefix}:task/{cluster_name(config.cluster_arn)}/{uuid.uuid5(TASK_ID_NAMESPACE, project)}"
-    else:
-        arn = DEFAULT_TASK_ARN
+    """The task's values: each setting's, else its default worked out for this task (the
+    Setting rows' task_default), so that cluster, task and container ARNs agree."""
+    arn = config.task_arn or setting("TASK_ARN").task_default(config.cluster_arn, project)
     parts = arn.split(":")
     region, account = (parts[3], parts[4]) if len(parts) > 5 else ("us-west-2", "111111111111")
     return TaskIdentity(
         cluster=config.cluster_arn,
         arn=arn,
-        family=config.task_family or project or "ecs-local-task-definition",
+        family=config.task_family or setting("TASK_DEFINITION_FAMILY").task_default(project),
         revision=config.task_revision,
         region=region,
         account=account,
         task_id=arn.rsplit("/", 1)[-1],
         launch_type=config.launch_type,
-        availability_zone=config.availability_zone or f"{region}a",
+        availability_zone=config.availability_zone or setting("AVAILABILITY_ZONE").task_default(region),
         service_name=service,
     )
 
@@ -3619,6 +3719,17 @@ def stats_document(sample: tuple[dict, dict | None], version: int) -> dict:
 # The route table and its handlers
 # ---------------------------------------------------------------------------
 
+class Guard(enum.Enum):
+    """Who may call a route: the guard column of ROUTES, applied by Endpoints.admit() from
+    RequestHandler.answer(), the one dispatch path; no handler checks a caller itself."""
+    OPEN = "anyone"
+    TOKEN = "an allowed network (CallerPolicy) and the authorization token when one is set"
+    IMDS_SESSION = ("IMDS on, an allowed network, and a live IMDSv2 session token (none where "
+                    "ECS_LOCAL_IMDS_V1 allows IMDSv1); SDKs send IMDS no Authorization header")
+    IMDS = "IMDS on and an allowed network: the session token request itself"
+    TASK_ID = "the credentials id `run` gave the task's containers (unguessable, as the ECS agent's); no network check"
+
+
 @dataclass
 class Request:
     params: dict[str, Any]      # the route's parameters, typed (version is an int)
@@ -3631,6 +3742,14 @@ class Request:
     @property
     def authorization(self) -> str | None:
         return self.headers.get("Authorization")
+
+
+@dataclass(frozen=True)
+class Vended:
+    """What an audited route's handler returns: the answer, and the credentials in it for the
+    audit record that RequestHandler.answer() writes."""
+    issued: Issued
+    body: bytes | Response
 
 
 @functools.lru_cache(maxsize=256)
@@ -3649,7 +3768,7 @@ class Endpoints:
         self.task_run = task   # `run`'s task: the only task these endpoints then serve
         self.identity = identity or AwsIdentity(config)
         self.vendor = CredentialVendor(self.identity, config)
-        self.docker = DockerClient(config.docker_host or default_docker_host(os.environ))
+        self.docker = DockerClient(config.docker_host)
         self.stats = StatsHub(self.docker, eager=config.stats == "EAGER")
         self.view = ContainerView(self.docker, self.stats.follow)
         self.policy = CallerPolicy(config, self.view)
@@ -3661,39 +3780,31 @@ class Endpoints:
         self.imds_on = config.imds == "ON" or (config.imds == "AUTO" and not self.policy.token_required)
         self.imds_role_name = (config.imds_role or IMDS_DEFAULT_ROLE).rsplit("/", 1)[-1]
         self.imds_tokens = ImdsTokens()
-        self._imds_account: str | None = None
         self._imds_document: tuple[tuple[str, str], bytes] | None = None   # (key, expiry) -> its document
         self.protection = TaskProtection(self._live_tasks)
 
     # -- credentials ---------------------------------------------------------
 
     def creds(self, request: Request) -> bytes:
-        return self._vend(request, "/creds", self.vendor.own)
+        return self._vend(self.vendor.own)
 
     def role(self, request: Request) -> bytes:
         name = request.params["name"]
-        return self._vend(request, f"/role/{name}", functools.partial(self.vendor.role, name))
+        return self._vend(functools.partial(self.vendor.role, name))
 
     def role_arn(self, request: Request) -> bytes:
         arn = request.params["arn"]
-        return self._vend(request, f"/role-arn/{arn}", functools.partial(self.vendor.role_arn, arn))
+        return self._vend(functools.partial(self.vendor.role_arn, arn))
 
-    def task_credentials(self, request: Request) -> bytes:
+    def task_credentials(self, request: Request) -> Vended:
         """/v2/credentials/{id}: the task role of the task `run` started, for its containers,
-        which alone are given the id; other ids are answered as the agent answers them."""
-        task = self.task_run
-        if not request.params.get("id"):
-            raise ApiError(400, "NoIdInRequest", "CredentialsV2Request: No Credential ID in the request")
-        if task is None or not hmac.compare_digest(request.params["id"], task.plan.credentials_id or ""):
-            raise ApiError(400, "InvalidIdInRequest", "CredentialsV2Request: Credentials not found")
-        role = task.plan.definition["taskRoleArn"]
-        return self._vend(request, "/v2/credentials", functools.partial(self.vendor.role_arn, role))
+        which alone are given the id (Guard.TASK_ID)."""
+        role = self.task_run.plan.definition["taskRoleArn"]
+        return self._vend(functools.partial(self.vendor.role_arn, role))
 
-    def _vend(self, request: Request, route: str, issue: Callable[[], Issued]) -> bytes:
-        """Credentials, recorded in the audit trail (errors are recorded where they are answered)."""
+    def _vend(self, issue: Callable[[], Issued]) -> Vended:
         issued = issue()
-        self.audit.record(request, route, issued)
-        return credentials_body(issued.credentials)
+        return Vended(issued, credentials_body(issued.credentials))
 
     # -- IMDSv2: SDKs' last resort, at AWS_EC2_METADATA_SERVICE_ENDPOINT ------------
 
@@ -3707,9 +3818,23 @@ class Endpoints:
         tokens = "IMDSv1 allowed" if self.config.imds_v1 else "IMDSv2 session tokens required"
         return f"IMDS on at /latest/: {source}, listed as role {self.imds_role_name}; {tokens}"
 
-    def _imds_admit(self, request: Request, session: bool = True) -> None:
-        """IMDS answers only when on, to allowed callers, and but for the token request itself
-        only with a live session token (or none at all where IMDSv1 is allowed)."""
+    def admit(self, guard: Guard, request: Request) -> None:
+        """The route's guard (the ROUTES column), as RequestHandler.answer() applies it to every
+        request before its handler runs: nothing when it passes, else the refusal."""
+        if guard is Guard.OPEN:
+            return
+        if guard is Guard.TOKEN:
+            self.policy.check(request.caller, request.authorization)
+            return
+        if guard is Guard.TASK_ID:   # answered as the agent answers other ids
+            if not request.params.get("id"):
+                raise ApiError(400, "NoIdInRequest", "CredentialsV2Request: No Credential ID in the request")
+            task = self.task_run
+            if task is None or not hmac.compare_digest(request.params["id"], task.plan.credentials_id or ""):
+                raise ApiError(400, "InvalidIdInRequest", "CredentialsV2Request: Credentials not found")
+            return
+        # IMDS answers only when on, to allowed callers, and but for the token request itself
+        # only with a live session token (or none at all where IMDSv1 is allowed).
         if not self.imds_on:
             raise ImdsError(404, "NotFound", "the IMDS routes are off: the server has an authorization token, "
                                              "which SDKs do not send to IMDS; ECS_LOCAL_IMDS=ON turns them on")
@@ -3718,14 +3843,13 @@ class Endpoints:
         except ApiError as exc:
             raise ImdsError.of(exc) from None
         token = request.headers.get(IMDS_TOKEN_HEADER)
-        if not session or (token is None and self.config.imds_v1):
+        if guard is Guard.IMDS or (token is None and self.config.imds_v1):
             return
         if not (token and self.imds_tokens.valid(token)):
             raise ImdsError(401, "Unauthorized", f"missing, unknown or expired {IMDS_TOKEN_HEADER}: "
                                                  "PUT /latest/api/token for a new one")
 
     def imds_token(self, request: Request) -> Response:
-        self._imds_admit(request, session=False)
         if "X-Forwarded-For" in request.headers:
             raise ImdsError(403, "Forbidden", "a token request that went through a proxy (X-Forwarded-For) "
                                               "is refused, as on EC2")
@@ -3736,36 +3860,34 @@ class Endpoints:
         return text_response(self.imds_tokens.issue(int(ttl)), {IMDS_TTL_HEADER: str(int(ttl))})
 
     def imds_roles(self, request: Request) -> Response:
-        self._imds_admit(request)
         return text_response(self.imds_role_name)
 
-    def imds_credentials(self, request: Request) -> Response:
-        route, role = f"/latest/meta-data/iam/security-credentials/{request.params['name']}", self.config.imds_role
-        try:
-            self._imds_admit(request)
-            if request.params["name"] != self.imds_role_name:
-                raise ImdsError(404, "NotFound", f"no role {printable(request.params['name'], 100)!r} here; "
-                                                 f"the role is {self.imds_role_name}")
-            vended = self._imds_vend()
-        except ApiError as exc:
-            self.audit.record(request, route, error=exc, role=role or "")
-            raise
-        self.audit.record(request, route, vended)
+    def imds_credentials(self, request: Request) -> Vended:
+        if request.params["listed"] != self.imds_role_name:
+            raise ImdsError(404, "NotFound", f"no role {printable(request.params['listed'], 100)!r} here; "
+                                             f"the role is {self.imds_role_name}")
+        vended = self._imds_vend()
         credentials = vended.credentials.response()
         issued = (credentials["AccessKeyId"], credentials["Expiration"])
         known = self._imds_document
         if known is None or known[0] != issued:
             # Encoded once per set of credentials: LastUpdated is when IMDS first had them, as on EC2.
             known = self._imds_document = (issued, json.dumps(imds_document(credentials)).encode())
-        return Response(known[1], content_type="text/plain")
+        return Vended(vended, Response(known[1], content_type="text/plain"))
+
+    def role_asked(self, request: Request) -> str | None:
+        """The role an audited request asks for, which its audit record names when no credentials
+        were issued: the route's {name} or {arn}; for IMDS, ECS_LOCAL_IMDS_ROLE ({listed} is only
+        the name IMDS lists); None for the server's own identity."""
+        if "listed" in request.params:
+            return self.config.imds_role
+        return request.params.get("arn") or request.params.get("name")
 
     def imds_placement(self, request: Request) -> Response:
-        self._imds_admit(request)
         region = self.identity.region
         return text_response(region if request.params["item"] == "region" else f"{region}a")
 
     def imds_identity_document(self, request: Request) -> Response:
-        self._imds_admit(request)
         region = self.identity.region
         document = {"accountId": self._imds_account_id(), "availabilityZone": f"{region}a", "region": region,
                     "version": "2017-09-30"}
@@ -3774,7 +3896,6 @@ class Endpoints:
     def imds_not_found(self, request: Request) -> Response:
         """Other IMDS paths (such as security-credentials-extended, which newer SDKs try first
         and leave for security-credentials on a 404): EC2's kind of 404, in text."""
-        self._imds_admit(request)
         raise ImdsError(404, "NotFound", "this server answers security-credentials, placement/region and "
                                          "placement/availability-zone under /latest/meta-data/")
 
@@ -3791,16 +3912,13 @@ class Endpoints:
             raise ImdsError.of(exc) from None
 
     def _imds_account_id(self) -> str:
-        """The account of those credentials: the role's, else asked of STS once."""
-        role_arn = self._imds_vend().credentials.role_arn
-        if role_arn:
-            return role_arn.split(":")[4]
-        if self._imds_account is None:
-            try:
-                self._imds_account = self.identity.get_caller_identity()["Account"]
-            except Exception as exc:
-                raise ImdsError.of(aws_error(exc, "GetCallerIdentity", self.identity.profile)) from None
-        return self._imds_account
+        """The account of those credentials, as they carry it (Credentials.account_id: the role's,
+        or what sts:GetCallerIdentity said of the base identity)."""
+        account = self._imds_vend().credentials.account_id
+        if not account:
+            raise ImdsError(503, "AccountUnknown", "the account of these credentials is unknown: "
+                                                   "sts:GetCallerIdentity failed (see the server's log)")
+        return account
 
     # -- health --------------------------------------------------------------
 
@@ -3983,9 +4101,9 @@ class Route:
     method: str
     rule: str
     handler: Callable[[Endpoints, Request], Any]
-    guarded: bool                 # hands out credentials: CallerPolicy applies
+    guard: Guard                  # who may call it, checked before the handler runs
     body: bool                    # takes a request body
-    audited: bool                 # a credentials route: AuditTrail records its answers
+    audited: bool                 # hands out credentials: AuditTrail records every answer
     pattern: re.Pattern
     converters: dict[str, Callable[[str], Any]]
 
@@ -4035,17 +4153,17 @@ def compile_rule(rule: str) -> tuple[re.Pattern, dict[str, Callable[[str], Any]]
     return re.compile("".join(pattern), re.DOTALL), converters
 
 
-def route(method: str, rule: str, handler: Callable[[Endpoints, Request], Any], guarded: bool = False,
+def route(method: str, rule: str, handler: Callable[[Endpoints, Request], Any], guard: Guard = Guard.OPEN,
           body: bool = False, audited: bool = False) -> Route:
-    return Route(method, rule, handler, guarded, body, audited, *compile_rule(rule))
+    return Route(method, rule, handler, guard, body, audited, *compile_rule(rule))
 
 
 ROUTES: tuple[Route, ...] = (
-    route("GET", "/creds", Endpoints.creds, guarded=True, audited=True),
-    route("GET", "/role/{name}", Endpoints.role, guarded=True, audited=True),
-    route("GET", "/role-arn/{arn:path}", Endpoints.role_arn, guarded=True, audited=True),
+    route("GET", "/creds", Endpoints.creds, guard=Guard.TOKEN, audited=True),
+    route("GET", "/role/{name}", Endpoints.role, guard=Guard.TOKEN, audited=True),
+    route("GET", "/role-arn/{arn:path}", Endpoints.role_arn, guard=Guard.TOKEN, audited=True),
     # The agent's task role route, for tasks `run` started: the unguessable id is the guard, as on ECS.
-    route("GET", "/v2/credentials[/{id:secret}]", Endpoints.task_credentials, audited=True),
+    route("GET", "/v2/credentials[/{id:secret}]", Endpoints.task_credentials, guard=Guard.TASK_ID, audited=True),
     route("GET", "/health", Endpoints.health),
     route("GET", "/v{version:2}/metadata", Endpoints.task),
     route("GET", "/v{version:2}/metadataWithTags", Endpoints.task_with_tags),
@@ -4058,17 +4176,20 @@ ROUTES: tuple[Route, ...] = (
     route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/taskWithTags", Endpoints.task_with_tags),
     route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/stats", Endpoints.container_stats),
     route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/task/stats", Endpoints.task_stats),
-    # IMDSv2, for SDKs' default chain: Endpoints._imds_admit applies the caller allowlist and the
-    # session token (SDKs send IMDS no Authorization header, so these are not "guarded").
-    route("PUT", "/latest/api/token", Endpoints.imds_token),
-    route("GET", "/latest/meta-data/iam/security-credentials", Endpoints.imds_roles),
-    route("GET", "/latest/meta-data/iam/security-credentials/{name}", Endpoints.imds_credentials),
-    route("GET", "/latest/meta-data/placement/{item:region|availability-zone}", Endpoints.imds_placement),
-    route("GET", "/latest/dynamic/instance-identity/document", Endpoints.imds_identity_document),
-    route("GET", "/latest/meta-data/{rest:path}", Endpoints.imds_not_found),
+    # IMDSv2, for SDKs' default chain (they send IMDS no Authorization header, hence its own guards).
+    route("PUT", "/latest/api/token", Endpoints.imds_token, guard=Guard.IMDS),
+    route("GET", "/latest/meta-data/iam/security-credentials", Endpoints.imds_roles, guard=Guard.IMDS_SESSION),
+    route("GET", "/latest/meta-data/iam/security-credentials/{listed}", Endpoints.imds_credentials,
+          guard=Guard.IMDS_SESSION, audited=True),
+    route("GET", "/latest/meta-data/placement/{item:region|availability-zone}", Endpoints.imds_placement,
+          guard=Guard.IMDS_SESSION),
+    route("GET", "/latest/dynamic/instance-identity/document", Endpoints.imds_identity_document,
+          guard=Guard.IMDS_SESSION),
+    route("GET", "/latest/meta-data/{rest:path}", Endpoints.imds_not_found, guard=Guard.IMDS_SESSION),
     # Task scale-in protection at $ECS_AGENT_URI, ECS's /api/{id}; without {ident}, the caller's task.
     route("GET", "/api[/{ident}]/task-protection/v1/state", Endpoints.protection_state),
-    route("PUT", "/api[/{ident}]/task-protection/v1/state", Endpoints.update_protection, guarded=True, body=True),
+    route("PUT", "/api[/{ident}]/task-protection/v1/state", Endpoints.update_protection, guard=Guard.TOKEN,
+          body=True),
 )
 
 
@@ -4134,50 +4255,6 @@ def resolve(method: str, path: str) -> tuple[Route, dict[str, Any]]:
 CLIENT_TIMEOUT = 5.0   # the ECS agent's read and write timeouts
 MAX_BODY = 64 * 1024
 SERVER_NAME = f"local-endpoints/{VERSION}"
-MAX_HEADER_LINE = 65536   # http.client's limits on a request's header block
-MAX_HEADER_LINES = 100
-
-
-class HeadersTooLarge(Exception):
-    """A header line over MAX_HEADER_LINE bytes, or more than MAX_HEADER_LINES lines: 431."""
-
-
-def read_headers(rfile: Any) -> http.client.HTTPMessage:
-    """A request's header block as http.server would make it, without the email package's parser.
-
-    http.server gives the block to email.parser, which costs more than all the rest of
-    a cached credentials request (issue 12's profile).  The fields are 'name: value' lines;
-    as in the email parser, a line starting with a space or tab continues the field before,
-    and a line that is not a field ends the fields (the rest of the block is read, unused;
-    email would skip an mbox 'From ' line instead, which no HTTP client sends).
-    """
-    headers = http.client.HTTPMessage()
-    name = value = ""
-    ended = False
-    for count in range(MAX_HEADER_LINES + 1):
-        raw = rfile.readline(MAX_HEADER_LINE + 1)
-        if len(raw) > MAX_HEADER_LINE:
-            raise HeadersTooLarge("Line too long")
-        if count == MAX_HEADER_LINES:   # the blank line counts, as in http.client
-            raise HeadersTooLarge("Too many headers")
-        if raw in (b"\r\n", b"\n", b""):
-            break
-        line = raw.decode("iso-8859-1")
-        if ended:
-            continue
-        if line[0] in " \t":
-            value += line if name else ""
-            continue
-        if name:
-            headers.set_raw(name, value.lstrip(" \t").rstrip("\r\n"))
-        name, colon, value = line.partition(":")
-        if not colon or " " in name or not (name.isascii() and name.isprintable()):
-            name, ended = "", True
-    if name:
-        headers.set_raw(name, value.lstrip(" \t").rstrip("\r\n"))
-    return headers
-
-
 def printable(text: str, limit: int) -> str:
     """Text safe for a log line or message: control characters escaped, length cut."""
     text = text[:limit]
@@ -4248,56 +4325,15 @@ class RequestHandler(BaseHTTPRequestHandler):
         finally:
             self.server.deadlines.pop(self, None)
 
-    def parse_request(self) -> bool:
-        """http.server's parse_request (same statuses, same Connection and Expect handling),
-        with the headers read by read_headers()."""
-        self.command, self.request_version, self.close_connection = None, self.default_request_version, True
-        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = self.requestline.split()
-        if not words:
-            return False
-        if len(words) >= 3:
-            version = words[-1]
-            numbers = version[5:].split(".") if version.startswith("HTTP/") else []
-            if len(numbers) != 2 or not all(n.isdigit() and len(n) <= 10 for n in numbers):
-                self.send_error(HTTPStatus.BAD_REQUEST, f"Bad request version ({version!r})")
-                return False
-            if (int(numbers[0]), int(numbers[1])) >= (2, 0):
-                self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, f"Invalid HTTP version ({version[5:]})")
-                return False
-            self.close_connection = (int(numbers[0]), int(numbers[1])) < (1, 1)
-            self.request_version = version
-        if not 2 <= len(words) <= 3:
-            self.send_error(HTTPStatus.BAD_REQUEST, f"Bad request syntax ({self.requestline!r})")
-            return False
-        command, path = words[:2]
-        if len(words) == 2:
-            self.close_connection = True
-            if command != "GET":
-                self.send_error(HTTPStatus.BAD_REQUEST, f"Bad HTTP/0.9 request type ({command!r})")
-                return False
-        self.command, self.path = command, ("/" + path.lstrip("/") if path.startswith("//") else path)
-        try:
-            self.headers = read_headers(self.rfile)
-        except HeadersTooLarge as exc:
-            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, str(exc))
-            return False
-        connection = self.headers.get("Connection", "").lower()
-        if connection == "close":
-            self.close_connection = True
-        elif connection == "keep-alive":
-            self.close_connection = False
-        if self.headers.get("Expect", "").lower() == "100-continue" and self.request_version >= "HTTP/1.1":
-            return self.handle_expect_100()
-        return True
-
     def dispatch(self) -> None:
         response, audited = self.answer()
         self.write_response(response, access_line=not audited)   # an audit line stands for it
 
     def answer(self) -> tuple[Response, bool]:
         """The route's answer to this request, errors included, and whether the audit trail
-        recorded it."""
+        recorded it.  This is where the guard and audit columns of ROUTES are applied, for
+        every route and method: the guard before the handler runs, the audit record (of every
+        answer of an audited route, whatever its status) before the answer is written."""
         endpoints = self.server.endpoints
         path = normalize_path(self.path)
         body_sent = self.headers.get("Content-Length", "0").strip() not in ("", "0") or \
@@ -4305,30 +4341,36 @@ class RequestHandler(BaseHTTPRequestHandler):
         keep_alive = not self.close_connection
         if body_sent:
             self.close_connection = True   # unless the route reads the body
-        request = None
         try:
             chosen, params = resolve(self.command, path)
-            body = b""
+        except ApiError as exc:
+            return exc.response(), False   # no route: nothing to guard or audit
+        request = Request(params, plain_ip(self.client_address[0]), self.headers, self._started,
+                          namespace=self.server.namespace)
+        issued = error = None
+        try:
             if body_sent:
                 if not chosen.body:
                     raise ApiError(413, "RequestBodyNotAccepted", "this route takes no request body")
-                body = self.read_body()
+                request.body = self.read_body()
                 self.close_connection = not keep_alive
-            request = Request(params, plain_ip(self.client_address[0]), self.headers, self._started, body,
-                              self.server.namespace)
-            if chosen.guarded:
-                endpoints.policy.check(request.caller, request.authorization)
-            return as_response(chosen.handler(endpoints, request)), chosen.audited   # the handler recorded it
+            endpoints.admit(chosen.guard, request)
+            result = chosen.handler(endpoints, request)
+            if isinstance(result, Vended):
+                issued, result = result.issued, result.body
+            response = as_response(result)
         except ApiError as exc:
-            audited = request is not None and chosen.audited
-            if audited:   # a credentials route's refusal or failure
-                endpoints.audit.record(request, printable(chosen.loggable(path, request.params), AUDIT_TEXT_LIMIT),
-                                       error=exc)
-            return exc.response(), audited
+            error, response = exc, exc.response()
+        except (ConnectionError, TimeoutError):
+            raise   # the client went away (a body cut short): no answer leaves, so none is recorded
         except Exception:
             log.exception("error in %s %s", self.command, printable(path, 200))
             error = ApiError(500, "InternalError", "internal error in local-endpoints; see its log")
-            return error.response(), False
+            response = error.response()
+        if chosen.audited:
+            endpoints.audit.record(request, chosen.loggable(path, request.params), issued, error,
+                                   endpoints.role_asked(request))
+        return response, chosen.audited
 
     def read_body(self) -> bytes:
         """A request body of at most MAX_BODY bytes, which must arrive within CLIENT_TIMEOUT."""
@@ -4925,9 +4967,77 @@ class TaskRunner:
 # main()
 # ---------------------------------------------------------------------------
 
+class LineHandler(logging.Handler):
+    """Each log line written whole, with one write(2) to a file descriptor and no lock.
+
+    logging.StreamHandler formats, writes and flushes under one lock: with an audit line
+    for every credentials answer from many handler threads, waiting for that lock cost
+    more than the rest of a cached request (bench/creds.py at INFO).  One write(2) of a
+    whole line needs none: the kernel does not mix concurrent writes to one open file,
+    nor a pipe's of up to PIPE_BUF (4096) bytes, more than any audit line takes
+    (AUDIT_TEXT_LIMIT); a longer line, such as a traceback, may be split on a pipe.
+    A line is written, in the kernel's hands, when write(2) returns: before the answer
+    it records is sent.
+
+    The audit trail hands its lines to write_line() (see AuditTrail): the same text as a
+    record would give, from the same FORMAT, without the LogRecord, its dispatch and its
+    Formatter, which cost more than the rest of a cached credentials request.
+    """
+
+    FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+    def __init__(self, fd: int):
+        super().__init__()
+        self.fd = fd
+        self.setFormatter(logging.Formatter(self.FORMAT))
+        self._second: tuple[int, str] = (-1, "")   # a second and its time text, replaced whole
+
+    def createLock(self) -> None:
+        self.lock = None   # Handler.acquire() and release() do nothing without one
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._write(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+    def write_line(self, levelno: int, name: str, message: str) -> None:
+        """message as a record of logger name at levelno would be written, with Formatter's own
+        time format; the time text of a second is made once."""
+        if levelno < self.level:
+            return
+        now = time.time()
+        second, text = self._second
+        if second != int(now):
+            second, text = self._second = (int(now), time.strftime(logging.Formatter.default_time_format,
+                                                                   time.localtime(now)))
+        asctime = logging.Formatter.default_msec_format % (text, int((now - second) * 1000))
+        self._write(self.FORMAT % {"asctime": asctime, "levelname": logging.getLevelName(levelno),
+                                   "name": name, "message": message})
+
+    def _write(self, line: str) -> None:
+        data = (line + "\n").encode("utf-8", "backslashreplace")
+        while data:
+            data = data[os.write(self.fd, data):]
+
+
+def sole_line_handler(logger: logging.Logger) -> LineHandler | None:
+    """The LineHandler that alone writes logger's records, with no filter on the way (how
+    main() configures logging), else None."""
+    handlers: list[logging.Handler] = []
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return None
+        handlers += current.handlers
+        current = current.parent if current.propagate else None
+    if len(handlers) == 1 and isinstance(handlers[0], LineHandler) and not handlers[0].filters:
+        return handlers[0]
+    return None
+
+
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, handlers=[LineHandler(sys.stderr.fileno())], format=LineHandler.FORMAT)
     # botocore's DEBUG log prints STS replies, secret keys included: never below WARNING.
     for noisy in ("botocore", "boto3", "urllib3", "requests", "s3transfer"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -1,4 +1,4 @@
-"""Credentials a team and its auditors can live with (issue 11).
+"""Credentials a team and its auditors can live with.
 
 MFA once per working day (an aws-vault style MFA session opened at start-up on a
 real pty), ECS_LOCAL_ALLOWED_ROLES, the audit trail (log lines and
@@ -39,8 +39,8 @@ import botocore.credentials
 import pytest
 
 import local_endpoints as le
-from test_hardening import creds_from_namespace, get
-from testlib import REPO_ROOT, console_script, free_port, http_request, wait_for
+from testlib import (REPO_ROOT, IdentityWithoutCallerIdentity, console_script, creds_from_namespace, free_port, get,
+                     http_request, wait_for)
 
 ACCOUNT = "123456789012"
 MFA_SERIAL = f"arn:aws:iam::{ACCOUNT}:mfa/dev"
@@ -568,7 +568,7 @@ def test_audit_trail_of_served_cached_and_refused_requests(start_server, moto, s
 
 def test_imds_credentials_are_in_the_audit_trail(start_server, moto, secrets, tmp_path):
     """The IMDS credentials route hands out credentials too: served and refused answers are recorded
-    (its access line stays: IMDS is not a guarded route)."""
+    (it is an audited route: its audit line stands for the access line)."""
     audit = tmp_path / "audit.jsonl"
     server = start_server(env=aws_env(moto, ECS_LOCAL_AUDIT_LOG=audit))
     path = "/latest/meta-data/iam/security-credentials/local-endpoints"
@@ -589,7 +589,9 @@ def test_imds_credentials_are_in_the_audit_trail(start_server, moto, secrets, tm
 def test_only_credentials_routes_are_audited(start_server, moto):
     """Task protection's PUT is guarded too, but hands out no credentials: its refusal keeps its
     access line and makes no audit record."""
-    assert [r.rule for r in le.ROUTES if r.audited] == ["/creds", "/role/{name}", "/role-arn/{arn:path}"]
+    assert [r.rule for r in le.ROUTES if r.audited] == ["/creds", "/role/{name}", "/role-arn/{arn:path}",
+                                                        "/v2/credentials[/{id:secret}]",
+                                                        "/latest/meta-data/iam/security-credentials/{listed}"]
     server = start_server(env=aws_env(moto, ECS_LOCAL_ALLOWED_CALLERS="127.0.0.1/32"))
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10, source_address=("127.0.0.2", 0))
     try:
@@ -648,37 +650,13 @@ def test_botocore_credentials_carry_the_account_id(start_server, moto, secrets, 
     assert moto.count("GetCallerIdentity") == 0   # asked once per identity, then remembered
 
 
-class IdentityWithoutCallerIdentity:
-    """An AwsIdentity whose GetSessionToken works and GetCallerIdentity fails: moto cannot fail
-    one call and not the other on demand.  The failure is a real botocore exception."""
-
-    profile = None
-    mfa = None
-
-    def __init__(self):
-        self.asked = 0
-
-    def base(self):
-        return botocore.credentials.ReadOnlyCredentials("AKIAEXAMPLELONGTERM", "long-term-secret-example", None), \
-            None, "env"
-
-    def get_session_token(self, duration: int) -> dict:
-        return {"AccessKeyId": "ASIAEXAMPLESESSION", "SecretAccessKey": "session-secret-example",
-                "SessionToken": "session-token-example", "Expiration": datetime.now(timezone.utc) + timedelta(hours=1)}
-
-    def get_caller_identity(self) -> dict:
-        import botocore.exceptions
-        self.asked += 1
-        raise botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9/")
-
-
 def test_failed_caller_identity_leaves_account_id_out_and_is_not_retried_at_once(caplog):
     identity = IdentityWithoutCallerIdentity()
     vendor = le.CredentialVendor(identity, le.default_config())
     with caplog.at_level(logging.WARNING, logger="local_endpoints"):
         first = vendor.own()
         second = vendor.own()
-    assert "AccountId" not in first.credentials.response() and first.identity == "env"
+    assert "AccountId" not in first.credentials.response() and first.identity is None
     assert (first.source, second.source) == ("sts", "cache") and identity.asked == 1
     assert "without AccountId" in caplog.text
 

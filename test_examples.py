@@ -36,9 +36,8 @@ Debian's ``docker-compose`` (v1, 1.29), apt-get installed when missing (Debian
 12 packages only v1, so v1 is what CI runs). The tests use only commands and
 options both have, and find containers by their compose labels.
 
-Imports: conftest.py's fixtures and helpers, and test_image.py's base image
-recipe and command helpers (not copied; they move with the shared test
-infrastructure).
+Imports: conftest.py's fixtures, and testlib's base image recipe and command
+helpers (shared with test_image.py, not copied).
 
 Timings on the 2-core machine (fresh engine): base image ~55 s (shared with
 test_image.py), the moto/aws-cli stand-ins 45-60 s, the project's image
@@ -64,8 +63,8 @@ from typing import Callable
 import pytest
 import yaml  # PyYAML comes with moto[server] (requirements-dev.txt)
 
-from test_image import BASE_IMAGE, build_base_image, image_exists, moto_server_at, run, wait_http
-from testlib import DUMMY_AWS_ENV, SESSION_ID, TEST_LABEL, ensure_tool, unavailable, wait_for
+from testlib import (BASE_IMAGE, DUMMY_AWS_ENV, SESSION_ID, TEST_LABEL, build_base_image, ensure_tool, image_exists,
+                     moto_server_at, run, unavailable, wait_for, wait_http)
 
 REPO = Path(__file__).resolve().parent
 EXAMPLES = REPO / "examples"

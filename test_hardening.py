@@ -1,4 +1,4 @@
-"""Hardening tests (issue 6): who may get credentials, bad input, faults and load.
+"""Hardening tests: who may get credentials, bad input, faults and load.
 
 Everything runs against a real ``local_endpoints.py`` process (``start_server``),
 a real moto_server behind the counting proxy (``moto``) and, where the behaviour
@@ -42,7 +42,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import local_endpoints
-from testlib import SERVER_SCRIPT, nsenter_net, require_ipv6_loopback, wait_for
+from testlib import SERVER_SCRIPT, creds_from_namespace, get, require_ipv6_loopback, wait_for
 
 # Every status the server may give; 500 would be a bug in our own code.
 STATUSES = {200, 400, 401, 403, 404, 405, 413, 414, 431, 502, 503, 504}
@@ -84,30 +84,6 @@ def error_of(response, status: int, code: str | None = None) -> dict:
     if code is not None:
         assert doc["code"] == code, doc
     return doc
-
-
-def get(port: int, path: str, headers=None, source: str | None = None, host: str = "127.0.0.1",
-        timeout: float = 10.0):
-    """``(status, headers, body)`` of one GET, optionally from a given source address."""
-    conn = http.client.HTTPConnection(host, port, timeout=timeout,
-                                      source_address=(source, 0) if source else None)
-    try:
-        conn.request("GET", path, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
-
-
-def creds_from_namespace(pid: int, host: str, port: int) -> str:
-    """GET /creds from inside the network namespace of process pid (a container's): its body."""
-    client = ("import http.client, sys; c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=10); "
-              "c.request('GET', '/creds'); r = c.getresponse(); print(r.status); print(r.read().decode())")
-    result = subprocess.run([*nsenter_net(pid), sys.executable, "-c", client, host, str(port)],
-                            capture_output=True, text=True, timeout=30)
-    status, body = result.stdout.split("\n", 1)
-    assert status == "200", (result.stdout, result.stderr)
-    return body
 
 
 def raw_exchange(port: int, data: bytes, method: str = "GET", timeout: float = 10.0):

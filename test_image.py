@@ -33,43 +33,27 @@ image ~6 s (pip install inside ``docker build`` on the default bridge network,
 no ``--network host`` needed), the rest ~15 s.
 """
 
-import contextlib
 import ipaddress
 import json
 import os
 import re
-import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from testlib import DUMMY_AWS_ENV, debootstrap_image, free_port, pause_image, unavailable
+from testlib import (build_base_image, moto_server_at, pause_image, run,
+                     unavailable, wait_http)
 
 REPO = Path(__file__).resolve().parent
 
-# Bump the suffix when the recipe in base_image() changes.
-BASE_IMAGE = "local-endpoints-test/python-base:bookworm-1"
 SUBNET = ipaddress.ip_network("169.254.170.0/24")
 ENDPOINTS_IP = "169.254.170.2"   # where SDKs look for AWS_CONTAINER_CREDENTIALS_RELATIVE_URI
 RUN_ID = uuid.uuid4().hex[:8]
-
-def run(cmd, check=True, timeout=600, **kw):
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, **kw
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            "command failed (%d): %s\nstdout:\n%s\nstderr:\n%s"
-            % (proc.returncode, " ".join(map(str, cmd)), proc.stdout[-4000:], proc.stderr[-4000:])
-        )
-    return proc
-
 
 # ----------------------------------------------------------------- fixtures
 # docker_engine (the contributor's engine or the tests' own, machine-wide lock)
@@ -105,34 +89,6 @@ def created(docker):
         run([docker, "network", "rm", net], check=False)
     for img in things["images"]:
         run([docker, "rmi", "-f", img], check=False)
-
-
-def image_exists(docker, tag):
-    return run([docker, "image", "inspect", tag], check=False).returncode == 0
-
-
-def python_slim_like(rootfs):
-    """Like the official image: pip may install into the system python, ``python`` exists.
-
-    (debootstrap_image already gives it the host's CA bundle and pip's cert
-    setting; no index URL is copied: the host's extra indexes are local file://
-    directories, absent in the image.)"""
-    for marker in rootfs.glob("usr/lib/python3*/EXTERNALLY-MANAGED"):
-        marker.unlink()
-    python = rootfs / "usr/bin/python"
-    if not python.exists():
-        python.symlink_to("python3")
-
-
-def build_base_image(engine, workdir: Path) -> str:
-    """BASE_IMAGE, a local stand-in for python:*-slim made with debootstrap + docker import,
-    unless the engine has it already (test_examples.py builds its stand-ins on it too)."""
-    if not image_exists(engine.docker_cli, BASE_IMAGE):
-        t0 = time.monotonic()
-        debootstrap_image(engine, BASE_IMAGE, ["python3", "python3-pip", "ca-certificates"], workdir,
-                          python_slim_like)
-        print("\nbase image %s built in %.1fs" % (BASE_IMAGE, time.monotonic() - t0))
-    return BASE_IMAGE
 
 
 @pytest.fixture(scope="module")
@@ -250,43 +206,6 @@ def special_network(docker_engine, docker, root, created):
 @pytest.fixture(scope="module")
 def network(special_network):
     return special_network.name
-
-
-def wait_http(url, timeout=30):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                return r.status
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
-@contextlib.contextmanager
-def moto_server_at(host: str):
-    """moto_server on the host bound to ``host`` (a gateway address containers reach): its URL."""
-    try:
-        import flask  # noqa: F401  (moto_server needs it)
-        import moto.server  # noqa: F401
-    except ImportError as e:
-        unavailable("moto[server] is not installed (%s): .venv/bin/pip install -r requirements-dev.txt" % e)
-    port = free_port(host)
-    env = dict({k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **DUMMY_AWS_ENV)
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    url = "http://%s:%d" % (host, port)
-    try:
-        wait_http(url + "/moto-api/", timeout=30)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests of the server and its credentials routes (issue: the foundation).
+"""Tests of the server and its credentials routes.
 
 STS and IAM are a real moto_server behind a counting proxy (conftest.py); the
 server under test is a real ``local_endpoints.py`` process reached over TCP;
@@ -593,7 +593,7 @@ def test_parse_duration_rejects(text):
 def test_route_table(path, handler, params):
     route, found = le.resolve("GET", path)
     assert route.handler is handler and found == params
-    assert route.guarded == path.startswith(("/creds", "/role"))
+    assert (route.guard is le.Guard.TOKEN) == path.startswith(("/creds", "/role"))
 
 
 @pytest.mark.parametrize("path", ["/v4/containers", "/v5/x", "/v4/a/b/c", "/role/", "/creds/x", "/v2/metadata/a/b"])

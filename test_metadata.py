@@ -1,4 +1,4 @@
-"""Task metadata v2/v3/v4 (issue 3) and stats (issue 4) against the real Docker Engine.
+"""Task metadata v2/v3/v4 and stats against the real Docker Engine.
 
 Every Docker-backed test talks to a real ``local_endpoints.py`` subprocess
 (``start_server``) pointed at the shared dockerd, about real containers made
@@ -1043,7 +1043,7 @@ def test_embedded_metrics_reads_the_ecs_labels(fleet, server, emf_library):
 
 
 # ---------------------------------------------------------------------------
-# Stats (issue 4)
+# Stats
 # ---------------------------------------------------------------------------
 
 def sample_times(doc: dict) -> tuple[datetime, datetime]:

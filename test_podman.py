@@ -1,4 +1,4 @@
-"""Metadata and stats against podman (issue 10): Debian's podman serving the Docker API.
+"""Metadata and stats against podman: Debian's podman serving the Docker API.
 
 A podman of the tests' own (``podman system service`` on a socket in a temporary
 directory, its own storage, run directory and network configuration, rootful)

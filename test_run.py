@@ -154,10 +154,10 @@ def test_three_container_awsvpc_task_runs_as_on_ecs(run_task, task_moto, docker_
     # The audit trail names the task; the credentials id, a capability, is in no log.
     records = [json.loads(line) for line in audit.read_text().splitlines()]
     assert [(r["route"], r["outcome"], r["task"]) for r in records] == [
-        ("/v2/credentials", "served", metadata["TaskARN"]),
+        ("/v2/credentials/{id}", "served", metadata["TaskARN"]),
         ("/v2/credentials/{id}", "InvalidIdInRequest", metadata["TaskARN"]),
-        ("/v2/credentials", "served", metadata["TaskARN"]),
-        ("/v2/credentials", "served", metadata["TaskARN"])]
+        ("/v2/credentials/{id}", "served", metadata["TaskARN"]),
+        ("/v2/credentials/{id}", "served", metadata["TaskARN"])]
     credentials_id = env["AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"].rsplit("/", 1)[1]
     assert credentials_id not in audit.read_text() + task.stderr + task.stdout
 

@@ -1,4 +1,4 @@
-"""Task scale-in protection at $ECS_AGENT_URI/task-protection/v1/state (issue 9).
+"""Task scale-in protection at $ECS_AGENT_URI/task-protection/v1/state.
 
 The wire format is the ECS agent's (ecs-agent/tmds/handlers/taskprotection/v1 in
 aws/amazon-ecs-agent): the expected bodies below are the agent's own test strings,

@@ -42,6 +42,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Iterator
@@ -1067,6 +1068,12 @@ SECRET_ENV_VARS = {"AWS_SECRET_ACCESS_KEY": "secret access key",
 # The server under test
 # =============================================================================
 
+def aws_env(moto: Moto, **extra) -> dict:
+    """Server environment: moto's dummy identity, STS/IAM at the counting proxy, no Docker."""
+    return {**moto.env, "STS_ENDPOINT": moto.url, "IAM_ENDPOINT": moto.url,
+            "DOCKER_HOST": "unix:///nonexistent.sock", **extra}
+
+
 class Server:
     """One running server process (``local_endpoints.py`` or a benchmark's baseline).
 
@@ -1164,6 +1171,150 @@ def server_env(home: Path, env: dict | None) -> dict:
         else:
             base[key] = str(value)
     return base
+
+
+# =============================================================================
+# Requests from a given place, and the image tests' base image (shared by test files)
+# =============================================================================
+
+def get(port: int, path: str, headers=None, source: str | None = None, host: str = "127.0.0.1",
+        timeout: float = 10.0):
+    """``(status, headers, body)`` of one GET, optionally from a given source address."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout,
+                                      source_address=(source, 0) if source else None)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def creds_from_namespace(pid: int, host: str, port: int) -> str:
+    """GET /creds from inside the network namespace of process pid (a container's): its body."""
+    client = ("import http.client, sys; c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=10); "
+              "c.request('GET', '/creds'); r = c.getresponse(); print(r.status); print(r.read().decode())")
+    result = subprocess.run([*nsenter_net(pid), sys.executable, "-c", client, host, str(port)],
+                            capture_output=True, text=True, timeout=30)
+    status, body = result.stdout.split("\n", 1)
+    assert status == "200", (result.stdout, result.stderr)
+    return body
+
+
+# Bump the suffix when the recipe in build_base_image() changes.
+BASE_IMAGE = "local-endpoints-test/python-base:bookworm-1"
+
+
+def run(cmd, check=True, timeout=600, **kw):
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, **kw
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            "command failed (%d): %s\nstdout:\n%s\nstderr:\n%s"
+            % (proc.returncode, " ".join(map(str, cmd)), proc.stdout[-4000:], proc.stderr[-4000:])
+        )
+    return proc
+
+
+def image_exists(docker, tag):
+    return run([docker, "image", "inspect", tag], check=False).returncode == 0
+
+
+def python_slim_like(rootfs):
+    """Like the official image: pip may install into the system python, ``python`` exists.
+
+    (debootstrap_image already gives it the host's CA bundle and pip's cert
+    setting; no index URL is copied: the host's extra indexes are local file://
+    directories, absent in the image.)"""
+    for marker in rootfs.glob("usr/lib/python3*/EXTERNALLY-MANAGED"):
+        marker.unlink()
+    python = rootfs / "usr/bin/python"
+    if not python.exists():
+        python.symlink_to("python3")
+
+
+def build_base_image(engine, workdir: Path) -> str:
+    """BASE_IMAGE, a local stand-in for python:*-slim made with debootstrap + docker import,
+    unless the engine has it already (test_examples.py builds its stand-ins on it too)."""
+    if not image_exists(engine.docker_cli, BASE_IMAGE):
+        t0 = time.monotonic()
+        debootstrap_image(engine, BASE_IMAGE, ["python3", "python3-pip", "ca-certificates"], workdir,
+                          python_slim_like)
+        print("\nbase image %s built in %.1fs" % (BASE_IMAGE, time.monotonic() - t0))
+    return BASE_IMAGE
+
+
+def wait_http(url, timeout=30):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.status
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def moto_server_at(host: str):
+    """moto_server on the host bound to ``host`` (a gateway address containers reach): its URL."""
+    try:
+        import flask  # noqa: F401  (moto_server needs it)
+        import moto.server  # noqa: F401
+    except ImportError as e:
+        unavailable("moto[server] is not installed (%s): .venv/bin/pip install -r requirements-dev.txt" % e)
+    port = free_port(host)
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **DUMMY_AWS_ENV)
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    url = "http://%s:%d" % (host, port)
+    try:
+        wait_http(url + "/moto-api/", timeout=30)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# =============================================================================
+# A fault no real component gives on demand
+# =============================================================================
+
+class IdentityWithoutCallerIdentity:
+    """An AwsIdentity whose GetSessionToken works and GetCallerIdentity fails (a fake: moto cannot
+    fail one call and not the other on demand).  The failure is a real botocore exception; the
+    base identity's method is botocore's name for a credentials file, which no record may take
+    for an identity."""
+
+    profile = None
+    mfa = None
+
+    def __init__(self):
+        self.asked = 0
+
+    def check_mfa_session(self) -> None:
+        pass
+
+    def base(self):
+        import botocore.credentials
+        return botocore.credentials.ReadOnlyCredentials("AKIAEXAMPLELONGTERM", "long-term-secret-example", None), \
+            None, "shared-credentials-file"
+
+    def get_session_token(self, duration: int) -> dict:
+        from datetime import datetime, timedelta, timezone
+        return {"AccessKeyId": "ASIAEXAMPLESESSION", "SecretAccessKey": "session-secret-example",
+                "SessionToken": "session-token-example", "Expiration": datetime.now(timezone.utc) + timedelta(hours=1)}
+
+    def get_caller_identity(self) -> dict:
+        import botocore.exceptions
+        self.asked += 1
+        raise botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9/")
 
 
 # =============================================================================

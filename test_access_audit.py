@@ -1,0 +1,256 @@
+"""Access and audit: the guard and audit columns of ROUTES, as the one dispatch path applies them.
+
+The routes under test are derived from ROUTES, not listed by hand: every route whose guard is
+not OPEN refuses a caller outside ECS_LOCAL_ALLOWED_CALLERS (and, by its guard, a request
+without the authorization token or without an IMDS session token, or any IMDS request while
+IMDS is off), for every method it answers (HEAD too where it answers GET); every answer of
+an audited route makes exactly one audit record, and no other route makes any.
+
+Records name the role and the source of what was handed out: ``sts``, ``cache``, or
+``passthrough`` for the base identity's own temporary credentials.
+
+The server is a real local_endpoints.py subprocess with STS and IAM at moto_server; the
+caller outside the allowlist is 127.0.0.2, a real source address on loopback.  Two faults
+no real component gives on demand are made in-process, and say so: a GetCallerIdentity
+that fails while GetSessionToken works, and a handler that breaks (a 500).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import inspect
+import json
+import logging
+import os
+import re
+import threading
+from dataclasses import replace
+from secrets import token_urlsafe
+
+import local_endpoints as le
+from testlib import IdentityWithoutCallerIdentity, aws_env, http_request
+
+OUTSIDER = "127.0.0.2"   # a loopback source address outside ECS_LOCAL_ALLOWED_CALLERS below
+
+
+def sample_path(rule: str) -> str:
+    """A path the rule matches: optional parts left out, each parameter given a plain value
+    (the first of its words, else "x")."""
+    while "[" in rule:
+        rule = re.sub(r"\[[^\[\]]*\]", "", rule)
+
+    def value(kind: str) -> str:
+        words = kind.split("|")
+        return words[0] if len(words) > 1 or kind.isdigit() else "x"
+    return re.sub(r"\{[^}:]*:?([^}]*)\}", lambda m: value(m.group(1)), rule)
+
+
+def methods_of(route: le.Route) -> tuple[str, ...]:
+    return (route.method, "HEAD") if route.method == "GET" else (route.method,)
+
+
+GUARDED = [(r, m) for r in le.ROUTES if r.guard is not le.Guard.OPEN for m in methods_of(r)]
+
+
+def call(port: int, method: str, path: str, headers: dict | None = None, source: str = "127.0.0.1") -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
+    try:
+        body = b'{"ProtectionEnabled":true}' if method == "PUT" and "task-protection" in path else None
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def test_sample_paths_resolve_to_their_routes():
+    for route in le.ROUTES:
+        for method in methods_of(route):
+            assert le.resolve(method, sample_path(route.rule))[0] is route, (method, route.rule)
+
+
+def test_the_table_has_guarded_and_audited_routes_of_every_kind():
+    """What the derived tests below cover; a table without them would make those tests vacuous."""
+    assert {r.guard for r in le.ROUTES} == set(le.Guard)
+    assert {r.rule for r in le.ROUTES if r.audited} >= {"/creds", "/latest/meta-data/iam/security-credentials/{listed}"}
+    assert all(r.guard is not le.Guard.OPEN for r in le.ROUTES if r.audited)
+
+
+def test_no_handler_checks_a_caller_itself():
+    """The guard column is the only caller check: no handler of the table reads the policy,
+    the IMDS session tokens or the Authorization header."""
+    for route in le.ROUTES:
+        source = inspect.getsource(route.handler)
+        for word in ("policy", "imds_tokens.valid", "authorization", "admit"):
+            assert word not in source.lower(), (route.rule, word)
+
+
+def expected_refusals(route: le.Route) -> tuple[int, int]:
+    """(status for a caller outside the allowlist, status for an allowed caller without the
+    token or session) of a guarded route."""
+    if route.guard is le.Guard.TASK_ID:   # no network check: any caller without the id, as the agent answers
+        return 400, 400
+    inside = {le.Guard.TOKEN: 401, le.Guard.IMDS_SESSION: 401, le.Guard.IMDS: None}[route.guard]
+    return 403, inside
+
+
+def audit_records(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_every_guarded_route_refuses_and_every_audited_answer_is_recorded(start_server, moto, secrets, tmp_path):
+    token = token_urlsafe(24)
+    secrets.add(token, "authorization token")
+    audit = tmp_path / "audit.jsonl"
+    server = start_server(env=aws_env(moto, ECS_LOCAL_ALLOWED_CALLERS="127.0.0.1/32", ECS_LOCAL_IMDS="ON",
+                                      ECS_LOCAL_AUTHORIZATION_TOKEN=token, ECS_LOCAL_AUDIT_LOG=audit))
+    assert GUARDED
+    for route, method in GUARDED:
+        path = sample_path(route.rule)
+        logged = route.loggable(path, le.resolve(method, path)[1])   # secret parameters masked
+        outside, inside = expected_refusals(route)
+        for status, source in ((outside, OUTSIDER), (inside, "127.0.0.1")):
+            if status is None:
+                continue
+            before = len(audit_records(audit))
+            assert call(server.port, method, path, source=source) == status, (method, route.rule, source)
+            records = audit_records(audit)
+            if route.audited:
+                assert len(records) == before + 1, (method, route.rule)
+                assert (records[-1]["route"], records[-1]["caller"], records[-1]["accessKeyId"]) == \
+                    (logged, source, None)
+                assert records[-1]["outcome"] != "served"
+            else:
+                assert len(records) == before, (method, route.rule)
+
+
+def test_imds_routes_refuse_everyone_while_imds_is_off(start_server, moto, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    server = start_server(env=aws_env(moto, ECS_LOCAL_IMDS="OFF", ECS_LOCAL_AUDIT_LOG=audit))
+    imds = [(r, m) for r, m in GUARDED if r.guard in (le.Guard.IMDS, le.Guard.IMDS_SESSION)]
+    assert imds
+    for route, method in imds:
+        before = len(audit_records(audit))
+        assert call(server.port, method, sample_path(route.rule)) == 404, (method, route.rule)
+        assert len(audit_records(audit)) == before + route.audited, (method, route.rule)
+
+
+def test_temporary_base_credentials_are_recorded_as_passed_through(start_server, moto, secrets, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    session_token = "le-audit-session-token-" + token_urlsafe(24)
+    server = start_server(env=aws_env(moto, AWS_SESSION_TOKEN=session_token, ECS_LOCAL_AUDIT_LOG=audit))
+    for _ in range(2):
+        status, _, body = server.get("/creds")
+        assert status == 200 and json.loads(body)["Token"] == session_token
+    records = audit_records(audit)
+    assert [r["source"] for r in records] == ["passthrough", "passthrough"]
+    assert records[0]["role"] == "arn:aws:sts::123456789012:user/moto"
+    assert re.search(r"route=/creds caller=127\.0\.0\.1 role=\S+ accessKeyId=\S+ expiration=\S+ "
+                     r"source=passthrough outcome=served status=200", server.log()), server.log()
+
+
+@contextlib.contextmanager
+def in_process_server(endpoints: le.Endpoints):
+    server = le.EndpointsServer(("127.0.0.1", 0), endpoints, 8)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_every_answer_is_recorded_before_it_leaves_500_included(tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    config = replace(le.default_config(), audit_log=str(audit), docker_host="unix:///nonexistent.sock")
+    endpoints = le.Endpoints(config)
+    endpoints.vendor = le.CredentialVendor(IdentityWithoutCallerIdentity(), config)
+    with in_process_server(endpoints) as url:
+        status, _, body = http_request(url, path="/creds")
+        # Read as soon as the answer is in: the record was written before it left.
+        served = audit_records(audit)
+        assert status == 200 and len(served) == 1
+        # The role is unknown, not botocore's credential method ("shared-credentials-file").
+        assert (served[0]["role"], served[0]["source"], served[0]["outcome"]) == (None, "sts", "served")
+
+        def broken() -> le.Issued:   # a fault in the server itself: no real component makes one
+            raise RuntimeError("a bug")
+        endpoints.vendor.own = broken
+        status, _, body = http_request(url, path="/creds")
+        records = audit_records(audit)
+        assert status == 500 and json.loads(body)["code"] == "InternalError"
+        assert len(records) == 2
+        assert (records[1]["route"], records[1]["outcome"], records[1]["accessKeyId"]) == \
+            ("/creds", "InternalError", None)
+
+
+def test_log_lines_from_many_threads_arrive_whole_on_a_pipe():
+    """LineHandler writes each line with one write(2) and no lock: lines up to PIPE_BUF, which
+    every audit line fits in, are never mixed on a pipe (the log of a container)."""
+    read_end, write_end = os.pipe()
+    logger = logging.getLogger("local_endpoints.test-lines")
+    logger.propagate = False
+    handler = le.LineHandler(write_end)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logger.addHandler(handler)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(read_end, 65536), b"")))
+    reader.start()
+    lines = {f"thread {t} line {n} " + "x" * 2000 for t in range(8) for n in range(50)}
+    try:
+        threads = [threading.Thread(target=lambda t=t: [logger.warning("%s", line) for line in sorted(lines)
+                                                        if line.startswith(f"thread {t} ")]) for t in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        logger.removeHandler(handler)
+        os.close(write_end)
+        reader.join()
+        os.close(read_end)
+    written = b"".join(chunks).decode().splitlines()
+    assert sorted(written) == sorted(f"local_endpoints.test-lines: {line}" for line in lines)
+
+
+def test_the_auditors_guide_lists_every_public_method_of_the_two_edge_classes():
+    """The module docstring names each outbound call; a method added to DockerClient or
+    AwsIdentity must be named there too (and one removed, taken out)."""
+    for cls in (le.DockerClient, le.AwsIdentity):
+        listed = re.search(rf"``{cls.__name__}``\s*\(([^()]*)\)", le.__doc__)
+        assert listed, cls.__name__
+        public = {name for name, value in vars(cls).items() if not name.startswith("_") and callable(value)}
+        assert set(re.findall(r"``(\w+)``", listed.group(1))) == public, cls.__name__
+
+
+def test_the_audit_lines_fast_path_writes_what_a_log_record_would():
+    """AuditTrail hands its lines to LineHandler.write_line when that handler alone writes the
+    audit logger's records (as main() configures logging): the text must be a record's."""
+    read_end, write_end = os.pipe()
+    parent = logging.getLogger("le-test-lines")
+    parent.propagate = False
+    child = logging.getLogger("le-test-lines.audit")
+    handler = le.LineHandler(write_end)
+    parent.addHandler(handler)
+    try:
+        assert le.sole_line_handler(child) is handler
+        child.warning("%s", "credentials route=/creds outcome=Unauthorized")
+        handler.write_line(logging.WARNING, child.name, "credentials route=/creds outcome=Unauthorized")
+        other = logging.NullHandler()
+        parent.addHandler(other)
+        assert le.sole_line_handler(child) is None   # another handler: records, not the fast path
+        parent.removeHandler(other)
+        child.addFilter(lambda record: True)
+        assert le.sole_line_handler(child) is None   # a filter: records too
+    finally:
+        parent.removeHandler(handler)
+        os.close(write_end)
+    record_line, fast_line = os.read(read_end, 65536).decode().splitlines()
+    os.close(read_end)
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
+    assert re.fullmatch(stamp + "WARNING le-test-lines.audit: credentials route=/creds outcome=Unauthorized", record_line)
+    assert re.sub(stamp, "", fast_line) == re.sub(stamp, "", record_line)
+    assert re.match(stamp, fast_line)
