@@ -11,7 +11,10 @@ ECS or Fargate:
   ``AWS_EC2_METADATA_SERVICE_ENDPOINT`` from any network;
 * task metadata and stats (v2, v3, v4) built from the live Docker Engine
   (or podman's Docker API);
-* task scale-in protection at ``ECS_AGENT_URI`` (``/api/{id}/task-protection/v1/state``).
+* task scale-in protection at ``ECS_AGENT_URI`` (``/api/{id}/task-protection/v1/state``);
+* fault injection there too (``/api/{id}/fault/v1/...``), applied for real in the task's network
+  namespace: ``FaultInjector`` runs the ECS agent's own iptables, ip6tables and tc command lines
+  with nsenter (``FaultCommands``, the one place that starts other programs).
 
 Reading guide for auditors: every route is in ``ROUTES`` near the end of the
 file, written as a rule such as ``/v{version:3|4}[/{ident:container}]/task``
@@ -29,7 +32,7 @@ out too but are not marked, since SDKs send IMDS no Authorization header:
 setting is one row of ``SETTINGS``.
 
 Sections, in data-flow order: configuration, Docker client, credentials,
-metadata builders, stats, the route table, the HTTP handler, main().
+metadata builders, stats, fault injection, the route table, the HTTP handler, main().
 """
 
 from __future__ import annotations
@@ -3705,7 +3708,8 @@ def tc_start_commands(netns: str | None, device: str, netem: str, flows: int, so
               for i in range(flows)]
     for prio, flowid, addresses in ((1, "1:3", sources_to_filter), (2, "1:1", sources)):
         lines += [f"tc filter add dev {device} protocol all parent 1:0 prio {prio} u32 match "
-                  f"{'ip6' if ip_family(address) == 6 else 'ip'} dst {address} flowid {flowid}" for address in addresses]
+                  f"{'ip6' if ip_family(address) == 6 else 'ip'} dst {address} flowid {flowid}"
+                  for address in addresses]
     lines.append(f"tc filter add dev {device} protocol all parent 10: handle 1 prio 2 flow hash keys "
                  "src,dst,proto,proto-src,proto-dst divisor 10 baseclass 10:1")
     lines += [f"tc filter add dev {device} protocol all parent {100 + i}: handle {i + 1} prio 2 flow hash keys "
@@ -3900,7 +3904,8 @@ class FaultInjector:
             if fault == "network-blackhole-port" or operation == "start":
                 fields = decode_fault_request(fault, request.body)
                 validate_fault_request(fault, fields)
-            if fault == "network-blackhole-port" and fields["TrafficType"] == "egress" and fields["Port"] == 80:
+            if fault == "network-blackhole-port" and operation == "start" and fields["TrafficType"] == "egress" \
+                    and fields["Port"] == 80:
                 fields["SourcesToFilter"] = list(dict.fromkeys([*fields.get("SourcesToFilter", []),
                                                                 ENDPOINTS_ADDRESS]))   # the task keeps its endpoints
             target = self.target(endpoints, request, ident)
@@ -3928,9 +3933,13 @@ class FaultInjector:
         run = endpoints.task_run
         if run is not None:
             enabled, mode = bool(run.plan.definition.get("enableFaultInjection")), run.plan.network_mode
-            holder = next((c for c in run.containers.values() if c.planned.name == PAUSE_NAME), None)
-            members = [holder] if mode == "awsvpc" else [c for c in run.containers.values() if mode == "host"]
-            pids = [((c.inspect or {}).get("State") or {}).get("Pid") for c in members if c and c.known == "RUNNING"]
+            if mode == "awsvpc":   # the pause container holds the task's namespace
+                members = [c for c in run.containers.values() if c.planned.name == PAUSE_NAME]
+            elif mode == "host":
+                members = list(run.containers.values())
+            else:                  # bridge and none: the agent has no task namespace for them either
+                members = []
+            pids = [((c.inspect or {}).get("State") or {}).get("Pid") for c in members if c.known == "RUNNING"]
             pid = next((p for p in pids if p), None)
         else:
             enabled = labels_of(caller).get(FAULT_LABEL, "").lower() == "true"
