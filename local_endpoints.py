@@ -3431,8 +3431,9 @@ class FaultError(ApiError):
     """The agent's fault answer other than 200: {"Error": message}; its limiter's 429 in text;
     its router's 405 with no body."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, task: str = ""):
         super().__init__(status, "FaultInjection", message, headers)
+        self.task = task   # the task's ARN once known: for the audit line
 
     def body(self) -> dict:
         return {"Error": self.message}
@@ -3912,10 +3913,11 @@ class FaultInjector:
             status = self._apply(fault, operation, fields, target, request_type)
         except FaultError as exc:
             if operation != "status":
-                self._audit(request, fault, operation, target, fields, f"{exc.status} {exc.message}")
+                self._audit(request, fault, operation, target.arn if target else exc.task, fields,
+                            f"{exc.status} {exc.message}")
             raise
         if operation != "status":
-            self._audit(request, fault, operation, target, fields, status)
+            self._audit(request, fault, operation, target.arn, fields, status)
         return go_marshal({"Status": status})
 
     def target(self, endpoints: Endpoints, request: Request, ident: str) -> FaultTarget:
@@ -3947,7 +3949,7 @@ class FaultInjector:
             mode = docker_mode if docker_mode in ("host", "none") else "awsvpc"
             pid = (caller.get("State") or {}).get("Pid") if (caller.get("State") or {}).get("Running") else None
         if not enabled:
-            raise FaultError(400, f"enableFaultInjection is not enabled for task: {arn}")
+            raise FaultError(400, f"enableFaultInjection is not enabled for task: {arn}", task=arn)
         no_namespace = FaultError(500, f"failed to get task metadata due to internal server error for container: "
                                        f"{ident}")
         if not pid:
@@ -4091,18 +4093,18 @@ class FaultInjector:
             audit_log.info("fault stop %s task=%s parameters=%s outcome=%s (%s)", fault, target.arn,
                            go_marshal(fields).decode(), status, why)
 
-    def _audit(self, request: Request, fault: str, operation: str, target: FaultTarget | None,
-               fields: dict | None, outcome: str) -> None:
-        task = target.arn if target else "-"
+    def _audit(self, request: Request, fault: str, operation: str, task: str, fields: dict | None,
+               outcome: str) -> None:
+        task = task or "-"
         parameters = go_marshal(fields).decode() if fields else "{}"
         audit_log.info("fault %s %s task=%s caller=%s parameters=%s outcome=%s", operation, fault, task,
                        request.caller, safe(parameters[:AUDIT_TEXT_LIMIT]), safe(outcome[:AUDIT_TEXT_LIMIT]))
 
 
 def tc_modules_message(lacks: list[str]) -> str:
-    return (f"internal error: this kernel has no {' and no '.join(lacks)} (tc's {', '.join(lacks)}): "
-            "network-latency and network-packet-loss need the kernel modules sch_prio, sch_netem, cls_u32 "
-            "and cls_flow; load them on the Docker host (modprobe), or use a kernel that has them")
+    return (f"internal error: this kernel lacks {', '.join(lacks)}: network-latency and network-packet-loss "
+            "need the kernel modules sch_prio, sch_netem, cls_u32 and cls_flow; load them on the Docker host "
+            "(modprobe), or use a kernel built with them")
 
 
 def tc_failure(failure: FaultCommandFailed) -> str | None:

@@ -403,6 +403,17 @@ def test_the_agents_404_400_and_500_for_the_task_come_after_the_body_checks():
     assert lacking.execute.commands == []
 
 
+def test_a_refused_start_is_an_audit_line_naming_the_task(caplog):
+    refused = Injector(FakeNamespace(), le.FaultError(400, f"enableFaultInjection is not enabled for task: {ARN}",
+                                                      task=ARN))
+    with caplog.at_level(logging.INFO, logger="local_endpoints.audit"):
+        assert refused.call(BLACKHOLE, "start", EGRESS_80)[0] == 400
+        assert refused.call(BLACKHOLE, "status", EGRESS_80)[0] == 400   # statuses are not audited
+    [line] = [r.getMessage() for r in caplog.records if r.name == "local_endpoints.audit"]
+    assert line.startswith(f"fault start {BLACKHOLE} task={ARN} caller=10.0.0.9 parameters=")
+    assert line.endswith(f"outcome=400 enableFaultInjection is not enabled for task: {ARN}")
+
+
 def test_commands_share_the_agents_five_seconds():
     slow = Injector(FakeNamespace(slow=6))
     assert slow.call(BLACKHOLE, "status", EGRESS_80) == (
