@@ -599,7 +599,12 @@ def test_a_run_task_blackholes_a_port_and_keeps_its_endpoints(run_fault_task, co
     assert probe(pid, f"{peer}:80", f"{peer}:8081") == {f"{peer}:80": "open", f"{peer}:8081": "open"}
     time.sleep(max(0.0, before + 10.4 - time.monotonic()))
     assert call("status") == (200, '{"Status":"not-running"}')
+    # A fault left running when the task stops is taken away with it.
+    assert call("start") == (200, '{"Status":"running"}')
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 130
     log = progress()
+    assert f"fault stop {BLACKHOLE} task={metadata['TaskARN']}" in log and "outcome=stopped (the task stopped)" in log
     assert "fault injection ready" in log
     assert f"fault start {BLACKHOLE} task={metadata['TaskARN']}" in log and "outcome=running" in log
     assert f"fault stop {BLACKHOLE} task={metadata['TaskARN']}" in log and "outcome=stopped" in log
