@@ -3965,9 +3965,9 @@ class FaultInjector:
                 ipv6_routes = ""
             stat = os.stat(namespace)
         except OSError as exc:
-            if exc.errno == errno.ENOENT and not self.lacking:
-                raise FaultError(500, f"internal error: this server does not see the task's processes (pid {pid}): "
-                                      f"it needs {FAULT_GRANT}") from None
+            if exc.errno == errno.ENOENT:   # in a container without --pid host, say
+                raise FaultError(500, "internal error: " + (self.lacking or f"this server does not see the task's "
+                                                            f"processes (pid {pid}): it needs {FAULT_GRANT}")) from None
             raise no_namespace from None
         devices = default_route_devices(routes, ipv6_routes)
         if not devices:

@@ -702,3 +702,64 @@ def test_latency_and_packet_loss_for_real(start_server, docker_engine, container
     assert call(LATENCY, "status") == (200, '{"Status":"running"}')
     assert call(LATENCY, "stop") == (200, '{"Status":"stopped"}')
     assert connect_seconds() < baseline + 0.3
+
+
+# =============================================================================
+# The server in its image: what it needs granted, and that it is enough
+# =============================================================================
+
+IMAGE_BASE = "local-endpoints-test/python-base:bookworm-1"   # test_image.py's stand-in for python:3.12-slim
+
+
+@pytest.fixture(scope="module")
+def endpoints_image(docker_engine):
+    if not docker_engine.has_image(IMAGE_BASE):
+        testlib.unavailable(f"no {IMAGE_BASE} on the engine: test_image.py builds it (debootstrap)")
+    tag = docker_engine.created_image(f"local-endpoints-test/fault-endpoints:{SESSION_ID}")
+    docker_engine.cli("build", "-q", "--build-arg", f"PYTHON_IMAGE={IMAGE_BASE}", "--label", docker_engine.label,
+                      "-t", tag, str(testlib.REPO_ROOT), timeout=900)
+    try:
+        yield tag
+    finally:
+        docker_engine.cli("rmi", "-f", tag, check=False)
+
+
+def test_the_server_in_its_image_with_the_capabilities_it_names(docker_engine, containers, busybox_image,
+                                                                endpoints_image):
+    opted = containers.run("--label", f"{le.FAULT_LABEL}=true", busybox_image, "sleep", "600")
+    pid = docker_engine.inspect(opted)["State"]["Pid"]
+    peer = peer_with_two_ports(containers, busybox_image)
+    fault = json.dumps({"Port": 80, "Protocol": "tcp", "TrafficType": "egress"}).encode()
+    socket_mount = ["-v", f"{docker_engine.socket}:/var/run/docker.sock"]
+
+    def server(*grants: str) -> tuple[str, str]:
+        port = testlib.free_port()
+        container = containers.run("-p", f"127.0.0.1:{port}:80", *socket_mount, *grants, endpoints_image)
+        url = f"http://127.0.0.1:{port}"
+        assert wait_for(lambda: _answers(url), 30), docker_engine.cli("logs", container).stderr
+        return container, url
+
+    def call(url: str, operation: str) -> tuple[int, str]:
+        status, _, answer = testlib.http_request(url, "POST", f"/api/{opted[:12]}/fault/v1/{BLACKHOLE}/{operation}",
+                                                 body=fault)
+        return status, answer.decode()
+
+    # Without the capabilities: the start-up line and the 500 say what to grant.
+    bare, url = server()
+    assert "fault injection off" in docker_engine.cli("logs", bare).stderr
+    status, answer = call(url, "start")
+    assert status == 500 and "--cap-add SYS_ADMIN --cap-add NET_ADMIN --pid host" in json.loads(answer)["Error"]
+    # With them, the fault is real.
+    granted, url = server("--cap-add", "SYS_ADMIN", "--cap-add", "NET_ADMIN", "--pid", "host")
+    assert "fault injection ready" in docker_engine.cli("logs", granted).stderr
+    assert call(url, "start") == (200, '{"Status":"running"}')
+    assert probe(pid, f"{peer}:80", f"{peer}:8081") == {f"{peer}:80": "timeout", f"{peer}:8081": "open"}
+    assert call(url, "stop") == (200, '{"Status":"stopped"}')
+    assert probe(pid, f"{peer}:80")[f"{peer}:80"] == "open"
+
+
+def _answers(url: str) -> bool:
+    try:
+        return testlib.http_request(url, path="/health", timeout=2)[0] == 200
+    except OSError:
+        return False
