@@ -3599,7 +3599,7 @@ def decode_fault_request(fault: str, body: bytes) -> dict[str, Any]:
 def ip_family(source: str) -> int | None:
     """4 or 6 for an address or CIDR block as Go's net.ParseIP/ParseCIDR read it (an IPv4-mapped
     IPv6 address counts as IPv4, as To4() does); None for anything else."""
-    if "%" in source:
+    if "%" in source or not re.fullmatch(r"[^/]+(/[0-9]+)?", source):   # no zone, no netmask form
         return None
     try:
         address = ipaddress.ip_interface(source).ip if "/" in source else ipaddress.ip_address(source)

@@ -115,6 +115,8 @@ def test_go_decodes_case_insensitively_ignores_unknown_keys_and_reads_one_value(
      "invalid value 10.0.0.300 for parameter Sources"),
     (LATENCY, {"DelayMilliseconds": 10, "JitterMilliseconds": 0, "Sources": ["10.0.0.1"], "SourcesToFilter": ["fe80::1%eth0"]},
      "invalid value fe80::1%eth0 for parameter SourcesToFilter"),
+    (LATENCY, {"DelayMilliseconds": 10, "JitterMilliseconds": 0, "Sources": ["10.0.0.0/255.0.0.0"]},
+     "invalid value 10.0.0.0/255.0.0.0 for parameter Sources"),
     (LATENCY, {"DelayMilliseconds": 10, "JitterMilliseconds": 0, "Sources": ["10.0.0.1"], "FlowsPercent": 0},
      "invalid value 0 for parameter flowsPercent"),
     (LOSS, {}, "required parameter LossPercent is missing"),
