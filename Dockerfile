@@ -19,6 +19,12 @@ ENV HOME=/home \
 
 WORKDIR /app
 
+# Fault injection (fault/v1 under ECS_AGENT_URI) runs the ECS agent's own command lines in a task's
+# network namespace: iptables/ip6tables and tc (iproute2); nsenter comes with util-linux.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends iproute2 iptables \
+    && rm -rf /var/lib/apt/lists/*
+
 COPY requirements.txt ./
 RUN pip install --no-cache-dir -r requirements.txt
 

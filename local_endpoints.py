@@ -15,6 +15,9 @@ ECS or Fargate:
 * ``run TASKDEF``: a task definition's containers started as the ECS agent starts
   them, with the endpoints at 169.254.170.2 in their network namespaces and their
   task role at ``/v2/credentials/{id}``.
+* fault injection there too (``/api/{id}/fault/v1/...``), applied for real in the task's network
+  namespace: ``FaultInjector`` runs the ECS agent's own iptables, ip6tables and tc command lines
+  with nsenter (``FaultCommands``, the one place that starts other programs).
 
 Reading guide for auditors: every route is in ``ROUTES`` near the end of the
 file, written as a rule such as ``/v{version:3|4}[/{ident:container}]/task``
@@ -45,7 +48,7 @@ token are allowed, ``RoleAllowlist`` which roles may be handed out, and
 is one write(2), ``LineHandler``).  Every setting is one row of ``SETTINGS``.
 
 Sections, in file order: configuration, Docker client, credentials, metadata
-builders, task definitions, run (one task's containers), stats, the route table
+builders, task definitions, run (one task's containers), stats, fault injection, the route table
 and its handlers, the HTTP handler, run (the command), main().
 """
 
@@ -63,6 +66,7 @@ import errno
 import fcntl
 import functools
 import getpass
+import gzip
 import hmac
 import http.client
 import ipaddress
@@ -71,10 +75,12 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import socketserver
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -3716,6 +3722,726 @@ def stats_document(sample: tuple[dict, dict | None], version: int) -> dict:
 
 
 # ---------------------------------------------------------------------------
+# Fault injection: the agent's network faults at $ECS_AGENT_URI/fault/v1/, made with the agent's
+# own iptables and tc command lines in the task's network namespace (nsenter)
+# ---------------------------------------------------------------------------
+
+FAULT_TYPES = ("network-blackhole-port", "network-latency", "network-packet-loss")
+FAULT_LABEL = "com.amazonaws.ecs.local.enable-fault-injection"   # a compose container's opt-in: "true"
+FAULT_SECONDS = 5                 # the agent's requestTimeoutSeconds: all the commands of one request
+FAULT_RATE = 0.2                  # the agent's limiter: requests a second per caller and path, burst 1
+FAULT_RATE_MESSAGE = "You have reached maximum request limit"
+FAULT_OPERATIONS = {"start": "start", "stop": "stop", "status": "check status"}   # the agent's request types
+FAULT_TOOLS = ("nsenter", "iptables", "ip6tables", "tc")
+FAULT_PATH = re.compile(rf"/api(?:/[^/]+)?/fault/v1/(?:{'|'.join(FAULT_TYPES)})/(?:start|stop|status)")
+FAULT_REQUESTS = {   # each fault's request as the agent's Go struct: its name, and each field's Go type
+    "network-blackhole-port": ("NetworkBlackholePortRequest", {
+        "Port": "uint16", "Protocol": "string", "TrafficType": "string", "SourcesToFilter": "[]*string"}),
+    "network-latency": ("NetworkLatencyRequest", {
+        "DelayMilliseconds": "uint64", "JitterMilliseconds": "uint64", "Sources": "[]*string",
+        "SourcesToFilter": "[]*string", "FlowsPercent": "int"}),
+    "network-packet-loss": ("NetworkPacketLossRequest", {
+        "LossPercent": "uint64", "Sources": "[]*string", "SourcesToFilter": "[]*string", "FlowsPercent": "int"}),
+}
+GO_INTEGERS = {"uint16": (0, 2**16 - 1), "uint64": (0, 2**64 - 1), "int": (-2**63, 2**63 - 1)}
+TC_PRIOMAP = " ".join("2" * 16)
+TC_MODULES = {"prio": ("sch_prio", "NET_SCH_PRIO"), "netem": ("sch_netem", "NET_SCH_NETEM"),
+              "u32": ("cls_u32", "NET_CLS_U32"), "flow": ("cls_flow", "NET_CLS_FLOW")}
+CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
+FAULT_GRANT = ("root on Linux; in the image --cap-add SYS_ADMIN --cap-add NET_ADMIN --pid host "
+               "(and --network host for host-mode tasks)")
+
+
+class FaultError(ApiError):
+    """The agent's fault answer other than 200: {"Error": message}; its limiter's 429 in text;
+    its router's 405 with no body."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, task: str = ""):
+        super().__init__(status, "FaultInjection", message, headers)
+        self.task = task   # the task's ARN once known: for the audit line
+
+    def body(self) -> dict:
+        return {"Error": self.message}
+
+    def response(self) -> Response:
+        if self.status == 405:
+            return Response(b"", 405, "text/plain; charset=utf-8")
+        if self.status == 429:
+            return Response(self.message.encode(), 429, "text/plain; charset=utf-8", self.headers)
+        return Response(go_marshal(self.body()), self.status, headers=self.headers)
+
+
+def go_marshal(document: Any) -> bytes:
+    """JSON as Go's json.Marshal writes it: compact, UTF-8, with <, >, & and U+2028/9 escaped."""
+    text = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
+    for char in "<>&\u2028\u2029":
+        text = text.replace(char, f"\\u{ord(char):04x}")
+    return text.encode("utf-8", "replace")
+
+
+# The request body, decoded as the agent's json.Decoder decodes it into the fault's struct.
+
+class GoNumber(str):
+    """A JSON number as written: Go takes only an integer literal in the field's range."""
+
+
+class GoObject(list):
+    """A JSON object as its (key, value) pairs, in order, duplicates kept."""
+
+
+class GoTypeError(Exception):
+    def __init__(self, value: str, go_type: str):
+        super().__init__(value)
+        self.value, self.go_type = value, go_type
+
+
+def go_kind(value: Any) -> str:
+    """The word Go's decoder uses for a JSON value in its type errors."""
+    if isinstance(value, GoObject):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, GoNumber):
+        return "number"
+    if isinstance(value, bool):
+        return "bool"
+    return "string" if isinstance(value, str) else "null"
+
+
+def go_quote_char(char: str) -> str:
+    """A character as Go's JSON syntax errors quote it ('x', '\\n', '\\x00', '\\'')."""
+    if char == "'":
+        return "'\\''"
+    if char == '"':
+        return "'\"'"
+    escapes = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v",
+               "\\": "\\\\"}
+    if char in escapes:
+        return f"'{escapes[char]}'"
+    if char.isprintable():
+        return f"'{char}'"
+    code = ord(char)
+    return f"'\\x{code:02x}'" if code < 0x80 else f"'\\u{code:04x}'" if code < 0x10000 else f"'\\U{code:08x}'"
+
+
+def go_syntax_error(text: str, exc: json.JSONDecodeError) -> str:
+    """Go's scanner error for the first syntax error Python's decoder found."""
+    if exc.pos >= len(text) or exc.msg.startswith("Unterminated string"):
+        return "unexpected EOF"
+    if exc.msg.startswith("Expecting property name"):
+        context = "looking for beginning of object key string"
+    elif exc.msg.startswith("Expecting ':'"):
+        context = "after object key"
+    elif exc.msg.startswith("Expecting ','"):
+        context = "after object key:value pair" if innermost_container(text[:exc.pos]) == "{" else \
+            "after array element"
+    elif exc.msg.startswith("Invalid control character"):
+        context = "in string literal"
+    elif exc.msg.startswith("Invalid \\u"):
+        context = "in \\u hexadecimal character escape"
+    elif exc.msg.startswith("Invalid \\escape"):
+        return f"invalid character {go_quote_char(text[exc.pos + 1:exc.pos + 2] or ' ')} in string escape code"
+    else:
+        context = "looking for beginning of value"
+    return f"invalid character {go_quote_char(text[exc.pos])} {context}"
+
+
+def innermost_container(prefix: str) -> str:
+    """'{' or '[': the container open at the end of a JSON text's prefix."""
+    stack, in_string, escaped = [], False, False
+    for char in prefix:
+        if in_string:
+            in_string, escaped = (not (char == '"' and not escaped)), (char == "\\" and not escaped)
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            stack.append(char)
+        elif char in "}]" and stack:
+            stack.pop()
+    return stack[-1] if stack else ""
+
+
+def go_field(value: Any, go_type: str) -> Any:
+    """A JSON value as Go stores it in a field of go_type (None for null), else GoTypeError."""
+    if value is None:
+        return None
+    if go_type == "[]*string":
+        if type(value) is not list:
+            raise GoTypeError(go_kind(value), go_type)
+        return [go_field(item, "string") for item in value]
+    if go_type == "string":
+        if go_kind(value) != "string":
+            raise GoTypeError(go_kind(value), "string")
+        return str(value)
+    if not isinstance(value, GoNumber):
+        raise GoTypeError(go_kind(value), go_type)
+    low, high = GO_INTEGERS[go_type]
+    if not re.fullmatch(r"-?[0-9]+" if low else r"[0-9]+", value) or not low <= int(value) <= high:
+        raise GoTypeError(f"number {value}", go_type)
+    return int(value)
+
+
+def decode_fault_request(fault: str, body: bytes) -> dict[str, Any]:
+    """The fields of the fault's request, read from the body as Go's json.Decoder reads it into
+    the agent's struct: the first JSON value only, keys matched case-insensitively, unknown keys
+    ignored, the last of duplicate keys winning; else the agent's 400 with Go's error text."""
+    struct, fields = FAULT_REQUESTS[fault]
+    text = body.decode("utf-8", "replace").lstrip(" \t\r\n")
+    if not text:
+        raise FaultError(400, "required request body is missing")
+
+    def constant(name: str) -> Any:
+        raise FaultError(400, "invalid character 'I' in numeric literal" if name.startswith("-") else
+                         f"invalid character '{name[0]}' looking for beginning of value")
+    decoder = json.JSONDecoder(object_pairs_hook=GoObject, parse_int=GoNumber, parse_float=GoNumber,
+                               parse_constant=constant)
+    try:
+        value, _ = decoder.raw_decode(text)
+    except json.JSONDecodeError as exc:
+        raise FaultError(400, go_syntax_error(text, exc)) from None
+    except RecursionError:
+        raise FaultError(400, "exceeded max depth") from None
+    if value is None:
+        return {}
+    if not isinstance(value, GoObject):
+        raise FaultError(400, f"json: cannot unmarshal {go_kind(value)} into Go value of type types.{struct}")
+    decoded: dict[str, Any] = {}
+    error = None
+    for key, item in value:
+        name = key if key in fields else next((f for f in fields if f.lower() == key.lower()), None)
+        if name is None:
+            continue
+        try:
+            decoded[name] = go_field(item, fields[name])
+        except GoTypeError as exc:   # Go goes on decoding, and answers the first one
+            error = error or f"json: cannot unmarshal {exc.value} into Go struct field {struct}.{name} of type " \
+                             f"{exc.go_type}"
+    if error:
+        raise FaultError(400, error)
+    return {name: value for name, value in decoded.items() if value is not None}
+
+
+def ip_family(source: str) -> int | None:
+    """4 or 6 for an address or CIDR block as Go's net.ParseIP/ParseCIDR read it (an IPv4-mapped
+    IPv6 address counts as IPv4, as To4() does); None for anything else."""
+    if "%" in source or not re.fullmatch(r"[^/]+(/[0-9]+)?", source):   # no zone, no netmask form
+        return None
+    try:
+        address = ipaddress.ip_interface(source).ip if "/" in source else ipaddress.ip_address(source)
+    except ValueError:
+        return None
+    return 4 if address.version == 4 or address.ipv4_mapped else 6
+
+
+def validate_fault_request(fault: str, fields: dict[str, Any]) -> None:
+    """The agent's ValidateRequest, check by check in its order: the 400 of the first that fails."""
+    def missing(name: str) -> FaultError:
+        return FaultError(400, f"required parameter {name} is missing")
+
+    def invalid(value: Any, name: str) -> FaultError:
+        return FaultError(400, f"invalid value {value} for parameter {name}")
+
+    def sources(name: str) -> None:
+        for source in fields.get(name) or []:
+            if ip_family(source or "") is None:
+                raise invalid(source or "", name)
+
+    if fault == "network-blackhole-port":
+        for name in ("Port", "Protocol", "TrafficType"):
+            if fields.get(name) in (None, ""):
+                raise missing(name)
+        if fields["Protocol"] not in ("tcp", "udp"):
+            raise invalid(fields["Protocol"], "Protocol")
+        if fields["TrafficType"] not in ("ingress", "egress"):
+            raise invalid(fields["TrafficType"], "TrafficType")
+        sources("SourcesToFilter")
+        return
+    if fault == "network-latency":
+        for name in ("DelayMilliseconds", "JitterMilliseconds"):
+            if name not in fields:
+                raise missing(name)
+        if fields["DelayMilliseconds"] == 0 and fields["JitterMilliseconds"] == 0:
+            raise FaultError(400, "required either DelayMilliseconds or JitterMilliseconds to be non-zero")
+    else:
+        if "LossPercent" not in fields:
+            raise missing("LossPercent")
+        loss = fields["LossPercent"]
+        if not 1 <= loss <= 100:
+            raise invalid(loss if loss < 2**63 else loss - 2**64, "LossPercent")   # Go's int(uint64)
+    if not fields.get("Sources"):
+        raise missing("Sources")
+    sources("Sources")
+    sources("SourcesToFilter")
+    if "FlowsPercent" in fields and not 0 < fields["FlowsPercent"] <= 100:
+        raise invalid(fields["FlowsPercent"], "flowsPercent")
+
+
+# The agent's command lines (pure: each is split at spaces and run as it is).
+
+def nsenter_prefix(netns: str | None) -> str:
+    """The agent's prefix for a command in an awsvpc task's namespace; none in host mode."""
+    return f"nsenter --net={netns} " if netns else ""
+
+
+def blackhole_chain(fields: dict[str, Any]) -> tuple[str, str]:
+    """The chain (<TrafficType>-<Protocol>-<Port>) and the built-in chain it hooks into."""
+    chain = f"{fields['TrafficType']}-{fields['Protocol']}-{fields['Port']}"
+    return chain, "OUTPUT" if fields["TrafficType"] == "egress" else "INPUT"
+
+
+def blackhole_check_command(netns: str | None, protocol: str, port: int, chain: str) -> str:
+    return nsenter_prefix(netns) + f"iptables -w {FAULT_SECONDS} -C {chain} -p {protocol} --dport {port} -j DROP"
+
+
+def blackhole_start_commands(netns: str | None, protocol: str, port: int, sources: list[str], chain: str,
+                             table: str) -> list[tuple[str, bool]]:
+    """(command, is it ip6tables') in the agent's order: for IPv4 then IPv6, a new chain, an ACCEPT
+    per source of that family (-d, whatever the direction), DROP for everything else, the chain
+    inserted into INPUT or OUTPUT."""
+    commands = []
+    for tool, everything, family in (("iptables", "0.0.0.0/0", 4), ("ip6tables", "::/0", 6)):
+        lines = [f"{tool} -w {FAULT_SECONDS} -N {chain}"]
+        lines += [f"{tool} -w {FAULT_SECONDS} -A {chain} -p {protocol} -d {source} --dport {port} -j ACCEPT"
+                  for source in sources if ip_family(source) == family]
+        lines += [f"{tool} -w {FAULT_SECONDS} -A {chain} -p {protocol} -d {everything} --dport {port} -j DROP",
+                  f"{tool} -w {FAULT_SECONDS} -I {table} -j {chain}"]
+        commands += [(nsenter_prefix(netns) + line, family == 6) for line in lines]
+    return commands
+
+
+def blackhole_stop_commands(netns: str | None, chain: str, table: str) -> list[tuple[str, bool]]:
+    return [(nsenter_prefix(netns) + f"{tool} -w {FAULT_SECONDS} {line}", tool == "ip6tables")
+            for tool in ("iptables", "ip6tables")
+            for line in (f"-F {chain}", f"-D {table} -j {chain}", f"-X {chain}")]
+
+
+def netem_arguments(fault: str, fields: dict[str, Any]) -> str:
+    if fault == "network-latency":
+        return f"delay {fields['DelayMilliseconds']}ms {fields['JitterMilliseconds']}ms"
+    return f"loss {fields['LossPercent']}%"
+
+
+def tc_start_commands(netns: str | None, device: str, netem: str, flows: int, sources: list[str],
+                      sources_to_filter: list[str]) -> list[str]:
+    """The agent's tc tree on one device: a prio root whose band 1:1 holds 10 x 10 prio bands,
+    netem on the first `flows` of them, SourcesToFilter to the untouched band 1:3, Sources to 1:1,
+    and flow-hash filters spreading the flows over the 100 bands."""
+    lines = [f"tc qdisc add dev {device} root handle 1: prio priomap {TC_PRIOMAP}",
+             f"tc qdisc add dev {device} parent 1:1 handle 10: prio bands 10 priomap {TC_PRIOMAP}"]
+    lines += [f"tc qdisc add dev {device} parent 10:{i + 1:x} handle {100 + i}: prio bands 10 priomap {TC_PRIOMAP}"
+              for i in range(10)]
+    lines += [f"tc qdisc add dev {device} parent {100 + i // 10}:{i % 10 + 1:x} handle {200 + i}: netem {netem}"
+              for i in range(flows)]
+    for prio, flowid, addresses in ((1, "1:3", sources_to_filter), (2, "1:1", sources)):
+        lines += [f"tc filter add dev {device} protocol all parent 1:0 prio {prio} u32 match "
+                  f"{'ip6' if ip_family(address) == 6 else 'ip'} dst {address} flowid {flowid}"
+                  for address in addresses]
+    lines.append(f"tc filter add dev {device} protocol all parent 10: handle 1 prio 2 flow hash keys "
+                 "src,dst,proto,proto-src,proto-dst divisor 10 baseclass 10:1")
+    lines += [f"tc filter add dev {device} protocol all parent {100 + i}: handle {i + 1} prio 2 flow hash keys "
+              f"src,dst,proto,proto-src,proto-dst divisor 10 baseclass {100 + i}:1" for i in range(10)]
+    return [nsenter_prefix(netns) + line for line in lines]
+
+
+def tc_check_command(netns: str | None, device: str) -> str:
+    return nsenter_prefix(netns) + f"tc -j q show dev {device} parent 100:1"
+
+
+def tc_stop_commands(netns: str | None, device: str) -> list[str]:
+    return [nsenter_prefix(netns) + f"tc qdisc del dev {device} parent 1:1 handle 10:",
+            nsenter_prefix(netns) + f"tc qdisc del dev {device} root handle 1: prio"]
+
+
+def tc_faults(output: str) -> tuple[bool, bool]:
+    """(latency, packet loss) from `tc -j q show`'s JSON, as the agent reads it: loss is a netem
+    qdisc with loss-random; latency one with options, when there is no loss."""
+    qdiscs = json.loads(output)
+    netem = [q.get("options") for q in qdiscs if isinstance(q, dict) and q.get("kind") == "netem"]
+    loss = any(isinstance(options, dict) and options.get("loss-random") is not None for options in netem)
+    return (not loss and any(options is not None for options in netem)), loss
+
+
+def default_route_devices(route: str, ipv6_route: str) -> tuple[str, ...]:
+    """The devices of a namespace's default routes, from /proc/PID/net/route and ipv6_route:
+    the task's interfaces, as the agent takes the host's for host mode."""
+    devices = [f[0] for f in (line.split() for line in route.splitlines()[1:])
+               if len(f) >= 8 and f[1] == "00000000" and f[7] == "00000000" and f[0] != "lo"]
+    devices += [f[9] for f in (line.split() for line in ipv6_route.splitlines())
+                if len(f) >= 10 and f[0] == "0" * 32 and f[1] == "00" and f[9] != "lo"]
+    return tuple(dict.fromkeys(devices))
+
+
+def kernel_lacks(config_text: str | None, kinds: tuple[str, ...] = tuple(TC_MODULES)) -> list[str]:
+    """The modules of TC_MODULES a kernel configuration (/proc/config.gz) has neither built in
+    nor as a module; none when the configuration cannot be read."""
+    if not config_text:
+        return []
+    return [TC_MODULES[kind][0] for kind in kinds
+            if not re.search(rf"^CONFIG_{TC_MODULES[kind][1]}=[ym]$", config_text, re.M)]
+
+
+def read_kernel_config() -> str | None:
+    try:
+        with gzip.open("/proc/config.gz", "rt") as config:
+            return config.read()
+    except OSError:
+        return None
+
+
+def effective_capabilities() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            return int(next(line for line in status if line.startswith("CapEff:")).split()[1], 16)
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+def fault_means(which: Callable[[str], str | None], capabilities: int) -> str | None:
+    """What this process lacks to inject faults (None: nothing): the tools, and the capabilities
+    to enter a namespace (SYS_ADMIN) and change its firewall and queues (NET_ADMIN)."""
+    tools = [tool for tool in FAULT_TOOLS if not which(tool)]
+    capabilities_missing = [name for name, bit in (("SYS_ADMIN", CAP_SYS_ADMIN), ("NET_ADMIN", CAP_NET_ADMIN))
+                            if not capabilities >> bit & 1]
+    if not tools and not capabilities_missing:
+        return None
+    lacks = []
+    if tools:
+        lacks.append(f"{', '.join(tools)} not on PATH (Debian: apt-get install util-linux iptables iproute2; the "
+                     "image has them)")
+    if capabilities_missing:
+        lacks.append(f"no {' or '.join('CAP_' + c for c in capabilities_missing)}")
+    return f"this server cannot inject faults: {'; '.join(lacks)}: it needs {FAULT_GRANT}"
+
+
+class RateLimiter:
+    """A token bucket per key (the agent's tollbooth limiter: per caller address and path)."""
+
+    MAX_KEYS = 4096
+
+    def __init__(self, rate: float, burst: int = 1, clock: Callable[[], float] = time.monotonic):
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self._buckets: dict[Any, tuple[float, float]] = {}   # key -> (tokens, when)
+        self._lock = threading.Lock()
+
+    def allow(self, key: Any) -> bool:
+        now = self.clock()
+        with self._lock:
+            if len(self._buckets) >= self.MAX_KEYS:   # forget the buckets that have filled up again
+                full = self.burst / self.rate
+                self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full}
+            tokens, when = self._buckets.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - when) * self.rate)
+            allowed = tokens >= 1
+            self._buckets[key] = (tokens - 1 if allowed else tokens, now)
+        return allowed
+
+
+@dataclass(frozen=True)
+class FaultTarget:
+    """Where a request's fault goes, as the agent's TaskNetworkConfig gives it."""
+    arn: str
+    mode: str                       # the task's network mode
+    netns: str | None               # /proc/PID/ns/net (awsvpc); None: this process's namespace (host)
+    devices: tuple[str, ...]
+    inode: tuple[int, int]          # the namespace's (st_dev, st_ino): the same namespace at cleanup
+
+
+class FaultTimedOut(Exception):
+    pass
+
+
+class FaultCommandFailed(Exception):
+    def __init__(self, command: str, output: str):
+        super().__init__(f"{command}: {output.strip()}")
+        self.command, self.output = command, output
+
+
+def run_fault_command(argv: list[str], timeout: float) -> tuple[int, str]:
+    """One command line, its exit status and its output (stdout and stderr together)."""
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise FaultTimedOut() from None
+    return done.returncode, done.stdout.decode(errors="replace")
+
+
+class FaultCommands:
+    """The commands of one request, sharing the agent's 5-second deadline."""
+
+    def __init__(self, execute: Callable[[list[str], float], tuple[int, str]]):
+        self.execute = execute
+        self.deadline = time.monotonic() + FAULT_SECONDS
+
+    def run(self, command: str) -> tuple[int, str]:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise FaultTimedOut()
+        try:
+            return self.execute(command.split(" "), remaining)
+        except OSError as exc:   # the tool could not be run at all
+            raise FaultCommandFailed(command, str(exc)) from None
+
+    def must(self, command: str) -> str:
+        code, output = self.run(command)
+        if code != 0:
+            raise FaultCommandFailed(command, output)
+        return output
+
+
+class FaultInjector:
+    """The nine fault routes: the agent's checks in its order, then its commands in the task's
+    namespace, one request per namespace at a time.  What a namespace has is read from it (iptables
+    -C, tc -j q show), never remembered; what this server started is remembered only so that a
+    stopping task or server takes it away again (remove_all)."""
+
+    def __init__(self, execute: Callable[[list[str], float], tuple[int, str]] = run_fault_command,
+                 clock: Callable[[], float] = time.monotonic, means: str | None | bool = False,
+                 kernel_config: str | None | bool = False):
+        self.execute = execute
+        self.limiter = RateLimiter(FAULT_RATE, 1, clock)
+        self.lacking = fault_means(shutil.which, effective_capabilities()) if means is False else means
+        self.kernel_config = read_kernel_config() if kernel_config is False else kernel_config
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+        self._applied: dict[tuple, tuple[FaultTarget, str, dict]] = {}   # (netns, fault, chain) -> what to stop
+
+    def means_status(self) -> str:
+        """The start-up log's line."""
+        if self.lacking:
+            return f"fault injection off: {self.lacking}"
+        lacks = kernel_lacks(self.kernel_config)
+        tc = f"network-latency and network-packet-loss need kernel modules it lacks ({', '.join(lacks)})" \
+            if lacks else "all three faults"
+        return f"fault injection ready (for tasks that enable it): {tc}"
+
+    # -- the routes ------------------------------------------------------------
+
+    def answer(self, endpoints: Endpoints, request: Request, operation: str) -> bytes:
+        fault, ident = request.params["fault"], request.params.get("ident", "")
+        request_type = f"{FAULT_OPERATIONS[operation]} {fault}"
+        path = f"/api{'/' + ident if ident else ''}/fault/v1/{fault}/{operation}"
+        target = fields = None
+        try:
+            if not self.limiter.allow((request.caller, path)):
+                raise FaultError(429, FAULT_RATE_MESSAGE, {"X-Rate-Limit-Limit": f"{FAULT_RATE:.2f}",
+                                                           "X-Rate-Limit-Duration": "1"})
+            fields = {}
+            if fault == "network-blackhole-port" or operation == "start":
+                fields = decode_fault_request(fault, request.body)
+                validate_fault_request(fault, fields)
+            if fault == "network-blackhole-port" and operation == "start" and fields["TrafficType"] == "egress" \
+                    and fields["Port"] == 80:
+                fields["SourcesToFilter"] = list(dict.fromkeys([*fields.get("SourcesToFilter", []),
+                                                                ENDPOINTS_ADDRESS]))   # the task keeps its endpoints
+            target = self.target(endpoints, request, ident)
+            status = self._apply(fault, operation, fields, target, request_type)
+        except FaultError as exc:
+            if operation != "status":
+                self._audit(request, fault, operation, target.arn if target else exc.task, fields,
+                            f"{exc.status} {exc.message}")
+            raise
+        if operation != "status":
+            self._audit(request, fault, operation, target.arn, fields, status)
+        return go_marshal({"Status": status})
+
+    def target(self, endpoints: Endpoints, request: Request, ident: str) -> FaultTarget:
+        """The task the request names (or comes from), checked as the agent checks it: known (404),
+        fault injection enabled (400), a network namespace with devices (500), awsvpc or host (400)."""
+        try:
+            _, caller, _ = endpoints._locate(request)
+        except ApiError as exc:
+            if exc.status == 404:
+                raise FaultError(404, "unable to get task arn from request: unable to get task Arn from v3 "
+                                      f"endpoint ID: {ident}") from None
+            raise FaultError(500, f"failed to get task metadata due to internal server error for container: "
+                                  f"{ident}") from None
+        arn = endpoints._task_identity(caller).arn
+        run = endpoints.task_run
+        if run is not None:
+            enabled, mode = bool(run.plan.definition.get("enableFaultInjection")), run.plan.network_mode
+            if mode == "awsvpc":   # the pause container holds the task's namespace
+                members = [c for c in run.containers.values() if c.planned.name == PAUSE_NAME]
+            elif mode == "host":
+                members = list(run.containers.values())
+            else:                  # bridge and none: the agent has no task namespace for them either
+                members = []
+            pids = [((c.inspect or {}).get("State") or {}).get("Pid") for c in members if c.known == "RUNNING"]
+            pid = next((p for p in pids if p), None)
+        else:
+            enabled = labels_of(caller).get(FAULT_LABEL, "").lower() == "true"
+            docker_mode = (caller.get("HostConfig") or {}).get("NetworkMode") or ""
+            mode = docker_mode if docker_mode in ("host", "none") else "awsvpc"
+            pid = (caller.get("State") or {}).get("Pid") if (caller.get("State") or {}).get("Running") else None
+        if not enabled:
+            raise FaultError(400, f"enableFaultInjection is not enabled for task: {arn}", task=arn)
+        no_namespace = FaultError(500, f"failed to get task metadata due to internal server error for container: "
+                                       f"{ident}")
+        if not pid:
+            raise no_namespace
+        namespace = f"/proc/{pid}/ns/net"
+        try:
+            with open(f"/proc/{pid}/net/route", encoding="ascii") as route:
+                routes = route.read()
+            try:
+                with open(f"/proc/{pid}/net/ipv6_route", encoding="ascii") as route:
+                    ipv6_routes = route.read()
+            except OSError:
+                ipv6_routes = ""
+            stat = os.stat(namespace)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:   # in a container without --pid host, say
+                raise FaultError(500, "internal error: " + (self.lacking or f"this server does not see the task's "
+                                                            f"processes (pid {pid}): it needs {FAULT_GRANT}")) from None
+            raise no_namespace from None
+        devices = default_route_devices(routes, ipv6_routes)
+        if not devices:
+            raise no_namespace
+        if mode not in ("awsvpc", "host"):
+            raise FaultError(400, f"{mode} mode is not supported. Please use either host or awsvpc mode.")
+        inode = (stat.st_dev, stat.st_ino)
+        if mode == "host":   # the agent's host mode: commands in its own namespace, which must be the task's
+            own = os.stat("/proc/self/ns/net")
+            if (own.st_dev, own.st_ino) != inode:
+                raise FaultError(500, "internal error: this server is not in the host's network namespace, where "
+                                      f"the task runs: it needs {FAULT_GRANT}")
+        return FaultTarget(arn, mode, namespace if mode == "awsvpc" else None, devices, inode)
+
+    # -- applying, stopping, reading -------------------------------------------
+
+    def _lock(self, target: FaultTarget) -> threading.Lock:
+        with self._locks_lock:
+            return self._locks.setdefault(target.netns or "host", threading.Lock())
+
+    def _apply(self, fault: str, operation: str, fields: dict, target: FaultTarget, request_type: str) -> str:
+        if self.lacking:
+            raise FaultError(500, f"internal error: {self.lacking}")
+        with self._lock(target):
+            commands = FaultCommands(self.execute)
+            try:
+                if fault == "network-blackhole-port":
+                    return self._blackhole(operation, fields, target, commands)
+                return self._tc(fault, operation, fields, target, commands)
+            except FaultTimedOut:
+                raise FaultError(500, f"{request_type}: request timed out") from None
+            except FaultCommandFailed as exc:
+                log.error("fault injection: %s failed: %s", request_type, exc)
+                raise FaultError(500, tc_failure(exc) or "internal error") from None
+
+    def _blackhole_running(self, fields: dict, target: FaultTarget, commands: FaultCommands) -> bool:
+        chain, _ = blackhole_chain(fields)
+        code, _ = commands.run(blackhole_check_command(target.netns, fields["Protocol"], fields["Port"], chain))
+        return code == 0
+
+    def _blackhole(self, operation: str, fields: dict, target: FaultTarget, commands: FaultCommands) -> str:
+        running = self._blackhole_running(fields, target, commands)
+        chain, table = blackhole_chain(fields)
+        key = (target.netns or "host", "network-blackhole-port", chain)
+        if operation == "status":
+            return "running" if running else "not-running"
+        if operation == "start":
+            if not running:
+                self._applied[key] = (target, "network-blackhole-port", dict(fields))
+                for command, ipv6 in blackhole_start_commands(target.netns, fields["Protocol"], fields["Port"],
+                                                              fields.get("SourcesToFilter", []), chain, table):
+                    code, output = commands.run(command)
+                    if code != 0 and not ipv6:   # the agent ignores ip6tables' failures (but in IPv6-only tasks)
+                        raise FaultCommandFailed(command, output)
+            return "running"
+        if running:
+            for command, ipv6 in blackhole_stop_commands(target.netns, chain, table):
+                code, output = commands.run(command)
+                if code != 0 and not ipv6:
+                    raise FaultCommandFailed(command, output)
+        self._applied.pop(key, None)
+        return "stopped"
+
+    def _tc_running(self, target: FaultTarget, commands: FaultCommands) -> tuple[bool, bool]:
+        latency = loss = False
+        for device in target.devices:
+            try:
+                found = tc_faults(commands.must(tc_check_command(target.netns, device)))
+            except ValueError as exc:
+                raise FaultCommandFailed(tc_check_command(target.netns, device), f"not tc's JSON: {exc}") from None
+            latency, loss = latency or found[0], loss or found[1]
+        return latency, loss
+
+    def _tc(self, fault: str, operation: str, fields: dict, target: FaultTarget, commands: FaultCommands) -> str:
+        latency, loss = self._tc_running(target, commands)
+        running = latency if fault == "network-latency" else loss
+        key = (target.netns or "host", "tc", "")
+        if operation == "status":
+            return "running" if running else "not-running"
+        if operation == "stop":
+            if running:
+                for device in target.devices:
+                    for command in tc_stop_commands(target.netns, device):
+                        commands.must(command)
+            self._applied.pop(key, None)
+            return "stopped"
+        if latency:
+            raise FaultError(409, "There is already one network latency fault running")
+        if loss:
+            raise FaultError(409, "There is already one network packet loss fault running")
+        lacks = kernel_lacks(self.kernel_config)
+        if lacks:
+            raise FaultError(500, tc_modules_message(lacks))
+        self._applied[key] = (target, fault, dict(fields))
+        try:
+            for device in target.devices:
+                for command in tc_start_commands(target.netns, device, netem_arguments(fault, fields),
+                                                 fields.get("FlowsPercent", 100), fields["Sources"],
+                                                 fields.get("SourcesToFilter", [])):
+                    commands.must(command)
+        except (FaultCommandFailed, FaultTimedOut):
+            for device in target.devices:   # nothing half made is left: the whole tree hangs from the root
+                with contextlib.suppress(FaultCommandFailed, FaultTimedOut, OSError):
+                    self.execute(tc_stop_commands(target.netns, device)[1].split(" "), FAULT_SECONDS)
+            self._applied.pop(key, None)
+            raise
+        return "running"
+
+    def remove_all(self, why: str) -> None:
+        """Every fault this server started that is still in a namespace that still exists, removed
+        (a task or the server stopping)."""
+        for key, (target, fault, fields) in list(self._applied.items()):
+            try:
+                stat = os.stat(target.netns or "/proc/self/ns/net")
+                if (stat.st_dev, stat.st_ino) != target.inode:
+                    continue   # the namespace is gone, and its faults with it
+                status = self._apply(fault, "stop", fields, target, f"stop {fault}")
+            except (OSError, FaultError) as exc:
+                log.warning("fault injection: could not remove %s from %s: %s", fault, target.arn, exc)
+                continue
+            finally:
+                self._applied.pop(key, None)
+            audit_log.info("fault stop %s task=%s parameters=%s outcome=%s (%s)", fault, target.arn,
+                           go_marshal(fields).decode(), status, why)
+
+    def _audit(self, request: Request, fault: str, operation: str, task: str, fields: dict | None,
+               outcome: str) -> None:
+        task = task or "-"
+        parameters = go_marshal(fields).decode() if fields else "{}"
+        audit_log.info("fault %s %s task=%s caller=%s parameters=%s outcome=%s", operation, fault, task,
+                       request.caller, safe(parameters[:AUDIT_TEXT_LIMIT]), safe(outcome[:AUDIT_TEXT_LIMIT]))
+
+
+def tc_modules_message(lacks: list[str]) -> str:
+    return (f"internal error: this kernel lacks {', '.join(lacks)}: network-latency and network-packet-loss "
+            "need the kernel modules sch_prio, sch_netem, cls_u32 and cls_flow; load them on the Docker host "
+            "(modprobe), or use a kernel built with them")
+
+
+def tc_failure(failure: FaultCommandFailed) -> str | None:
+    """A clear message for a tc command that failed for want of a kernel module; else None."""
+    words = failure.command.split(" ")
+    if "tc" not in words or not re.search(r"kind is unknown|Unknown filter|Unknown qdisc", failure.output):
+        return None
+    kind = next((w for w in ("netem", "u32", "flow", "prio") if w in words), None)
+    return tc_modules_message([TC_MODULES[kind][0]]) if kind else None
+
+
+# ---------------------------------------------------------------------------
 # The route table and its handlers
 # ---------------------------------------------------------------------------
 
@@ -3782,6 +4508,7 @@ class Endpoints:
         self.imds_tokens = ImdsTokens()
         self._imds_document: tuple[tuple[str, str], bytes] | None = None   # (key, expiry) -> its document
         self.protection = TaskProtection(self._live_tasks)
+        self.faults = FaultInjector()
 
     # -- credentials ---------------------------------------------------------
 
@@ -4028,6 +4755,8 @@ class Endpoints:
             doc = task_metadata(members, version, task, self.config, with_tags, containers)
             if self.task_run is not None:
                 doc = run_task_metadata(doc, self.task_run, version, with_tags)
+            elif version >= 4:   # a compose container opts in with a label
+                doc["FaultInjectionEnabled"] = labels_of(caller).get(FAULT_LABEL, "").lower() == "true"
             return deep_merge(doc, self.task_override.value)
         # Fargate's ClockDrift is a reading of the clock: taken again each minute.
         minute = int(time.time() // 60) if self.config.launch_type == "FARGATE" and version >= 4 else 0
@@ -4095,6 +4824,18 @@ class Endpoints:
                                       f"ExpiresInMinutes must be between 1 and {PROTECTION_MAX_MINUTES} minutes "
                                       f"(48 hours); got {minutes}", arn, str(uuid.uuid4()))
         return go_json(self.protection.update(arn, enabled, minutes))
+
+    # -- fault injection ($ECS_AGENT_URI/fault/v1/{fault}/...): FaultInjector --------
+
+    def start_fault(self, request: Request) -> bytes:
+        return self.faults.answer(self, request, "start")
+
+    def stop_fault(self, request: Request) -> bytes:
+        return self.faults.answer(self, request, "stop")
+
+    def fault_status(self, request: Request) -> bytes:
+        return self.faults.answer(self, request, "status")
+
 
 @dataclass(frozen=True)
 class Route:
@@ -4190,6 +4931,25 @@ ROUTES: tuple[Route, ...] = (
     route("GET", "/api[/{ident}]/task-protection/v1/state", Endpoints.protection_state),
     route("PUT", "/api[/{ident}]/task-protection/v1/state", Endpoints.update_protection, guard=Guard.TOKEN,
           body=True),
+    # Fault injection at $ECS_AGENT_URI, the agent's nine routes (FaultInjector); without {ident}, the caller's task.
+    route("POST", "/api[/{ident}]/fault/v1/{fault:network-blackhole-port}/start", Endpoints.start_fault,
+          guard=Guard.TOKEN, body=True),
+    route("POST", "/api[/{ident}]/fault/v1/{fault:network-blackhole-port}/stop", Endpoints.stop_fault,
+          guard=Guard.TOKEN, body=True),
+    route("POST", "/api[/{ident}]/fault/v1/{fault:network-blackhole-port}/status", Endpoints.fault_status,
+          guard=Guard.TOKEN, body=True),
+    route("POST", "/api[/{ident}]/fault/v1/{fault:network-latency}/start", Endpoints.start_fault,
+          guard=Guard.TOKEN, body=True),
+    route("POST", "/api[/{ident}]/fault/v1/{fault:network-latency}/stop", Endpoints.stop_fault,
+          guard=Guard.TOKEN, body=True),
+    route("POST", "/api[/{ident}]/fault/v1/{fault:network-latency}/status", Endpoints.fault_status,
+          guard=Guard.TOKEN, body=True),
+    route("POST", "/api[/{ident}]/fault/v1/{fault:network-packet-loss}/start", Endpoints.start_fault,
+          guard=Guard.TOKEN, body=True),
+    route("POST", "/api[/{ident}]/fault/v1/{fault:network-packet-loss}/stop", Endpoints.stop_fault,
+          guard=Guard.TOKEN, body=True),
+    route("POST", "/api[/{ident}]/fault/v1/{fault:network-packet-loss}/status", Endpoints.fault_status,
+          guard=Guard.TOKEN, body=True),
 )
 
 
@@ -4243,6 +5003,8 @@ def resolve(method: str, path: str) -> tuple[Route, dict[str, Any]]:
                                    for name, value in match.groupdict().items() if value is not None}
             allowed.add(candidate.method)
     if allowed:
+        if FAULT_PATH.fullmatch(path):   # the agent's router: 405 with no body
+            raise FaultError(405, "")
         allow = ", ".join(sorted(allowed | ({"HEAD"} if "GET" in allowed else set())))
         raise ApiError(405, "MethodNotAllowed", f"{method} is not allowed here; use {allow}", {"Allow": allow})
     raise ApiError(404, "NotFound", f"no such route: {printable(path, 200)}")
@@ -4617,6 +5379,8 @@ class TaskRunner:
         try:
             for warning in self.plan.warnings:
                 self.say(f"warning: {warning}")
+            if self.plan.definition.get("enableFaultInjection"):
+                self.say(self.endpoints.faults.means_status())
             self.check_role()
             self.check_execution_role()
             self.fetch_references()
@@ -4946,6 +5710,7 @@ class TaskRunner:
     def remove_everything(self) -> None:
         """Every container, holder and task-scoped volume the task created, and the endpoints'
         listeners: nothing is left behind, whatever stopped the task."""
+        self.endpoints.faults.remove_all("the task stopped")   # while its namespaces are there
         for thread in self.log_threads:   # every container has stopped: its output ends
             thread.join(timeout=LOG_DRAIN_SECONDS)
         in_parallel(lambda server: (server.shutdown(), server.server_close()), self.servers)
@@ -5205,6 +5970,7 @@ def main(argv: list[str] | None = None) -> int:
              config.sts_endpoint or "default", config.iam_endpoint or "default", config.allowed_roles or "any",
              endpoints.docker.host)
     log.info("%s", endpoints.imds_status())
+    log.info("%s", endpoints.faults.means_status())
     endpoints.view.start()
 
     stop = threading.Event()
@@ -5217,6 +5983,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("stopping")
     server.shutdown()
     server.server_close()
+    endpoints.faults.remove_all("the server stopped")
     return 0
 
 

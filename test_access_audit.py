@@ -41,8 +41,7 @@ def sample_path(rule: str) -> str:
         rule = re.sub(r"\[[^\[\]]*\]", "", rule)
 
     def value(kind: str) -> str:
-        words = kind.split("|")
-        return words[0] if len(words) > 1 or kind.isdigit() else "x"
+        return "x" if kind in le.SEGMENT_PATTERNS else kind.split("|")[0]
     return re.sub(r"\{[^}:]*:?([^}]*)\}", lambda m: value(m.group(1)), rule)
 
 
