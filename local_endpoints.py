@@ -14,7 +14,9 @@ ECS or Fargate:
 * task scale-in protection at ``ECS_AGENT_URI`` (``/api/{id}/task-protection/v1/state``);
 * ``run TASKDEF``: a task definition's containers started as the ECS agent starts
   them, with the endpoints at 169.254.170.2 in their network namespaces and their
-  task role at ``/v2/credentials/{id}``.
+  task role at ``/v2/credentials/{id}``.  Besides the calls below, ``run`` enters a
+  task's network namespaces (``in_network_namespace``: setns(2)) to give loopback the
+  endpoints' address (``add_endpoints_address``: an ioctl) and listen there.
 * fault injection there too (``/api/{id}/fault/v1/...``), applied for real in the task's network
   namespace: ``FaultInjector`` runs the ECS agent's own iptables, ip6tables and tc command lines
   with nsenter (``FaultCommands``, the one place that starts other programs).
