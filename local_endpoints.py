@@ -745,7 +745,7 @@ class DockerClient:
     def remove_volume(self, name: str) -> None:
         self._send("DELETE", f"/volumes/{quote(name, safe='')}")
 
-    def logs(self, container_id: str, tty: bool) -> Iterator[tuple[int, bytes]]:
+    def logs(self, container_id: str, tty: bool, follow: bool = True) -> Iterator[tuple[int, bytes]]:
         """A container's output from its start, followed until it stops: (1 stdout or 2 stderr, bytes).
 
         Docker multiplexes the two streams of a container without a TTY in frames of an 8-byte
@@ -754,8 +754,8 @@ class DockerClient:
         session = self._new_session()
         path = f"/containers/{quote(container_id, safe='')}/logs"
         try:
-            response = self._call(session, self._url(path), {"follow": "1", "stdout": "1", "stderr": "1"},
-                                  stream=True, read_timeout=None)
+            response = self._call(session, self._url(path), {"follow": str(int(follow)), "stdout": "1",
+                                                             "stderr": "1"}, stream=True, read_timeout=None)
         except BaseException:
             session.close()
             raise
@@ -5344,24 +5344,38 @@ class TaskRunner:
             print(f"[{self.plan.identity.family}] {message}", file=self.err, flush=True)
 
     def relay(self, name: str, run: ContainerRun, tty: bool) -> None:
-        """A container's output, line by line on stdout, each prefixed with its name."""
+        """A container's output, line by line on stdout, each prefixed with its name.
+
+        Followed while the container runs; once it has stopped, read again whole, and what the
+        follow missed is printed: Docker's follow may end before the last lines of a container
+        that exits at once.
+        """
         pending = {1: b"", 2: b""}
+        shown = {1: 0, 2: 0}
         try:
-            frames = self.docker.logs(run.docker_id, tty)
+            for stream, chunk in self.docker.logs(run.docker_id, tty):
+                shown[stream] = shown.get(stream, 0) + len(chunk)
+                self.show(name, pending, stream, chunk)
+            seen = {1: 0, 2: 0}
+            for stream, chunk in self.docker.logs(run.docker_id, tty, follow=False):
+                start, seen[stream] = seen.get(stream, 0), seen.get(stream, 0) + len(chunk)
+                missed = chunk[max(0, shown.get(stream, 0) - start):]
+                if missed:
+                    self.show(name, pending, stream, missed)
         except (ApiError, LookupError) as exc:
             self.say(f"{name}: its output cannot be read: {exc}")
-            return
-        for stream, chunk in frames:
-            lines = (pending.get(stream, b"") + chunk).split(b"\n")
-            pending[stream] = lines.pop()
-            with self._print:
-                for line in lines:
-                    self.out.write(f"{name} | {line.decode(errors='replace').rstrip(chr(13))}\n")
-                self.out.flush()
         with self._print:
             for rest in pending.values():
                 if rest:
                     self.out.write(f"{name} | {rest.decode(errors='replace')}\n")
+            self.out.flush()
+
+    def show(self, name: str, pending: dict[int, bytes], stream: int, chunk: bytes) -> None:
+        lines = (pending.get(stream, b"") + chunk).split(b"\n")
+        pending[stream] = lines.pop()
+        with self._print:
+            for line in lines:
+                self.out.write(f"{name} | {line.decode(errors='replace').rstrip(chr(13))}\n")
             self.out.flush()
 
     # -- the task's life -------------------------------------------------------
