@@ -2636,10 +2636,10 @@ HEALTH_CHECK_DEFAULTS = {"interval": 30, "timeout": 5, "retries": 3, "startPerio
 PAUSE_NAME = "~internal~ecs~pause"
 DEFAULT_PAUSE_IMAGE = "registry.k8s.io/pause:3.10"   # the agent's own pause image is not published
 LOCAL_LOG_DRIVERS = ("json-file", "local", "none")
-NETNS_LABEL = "local-endpoints.netns-for"
+NETNS_LABEL = "local-endpoints.netns-for"   # on a network-namespace holder: the container it holds it for
 REGION_VARIABLES = frozenset({"AWS_REGION", "AWS_DEFAULT_REGION"})
 AGENT_URI_VARIABLES = ("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "ECS_CONTAINER_METADATA_URI",
-                       "ECS_CONTAINER_METADATA_URI_V4", "ECS_AGENT_URI")   # always the agent's values   # on a network-namespace holder: the container it holds it for
+                       "ECS_CONTAINER_METADATA_URI_V4", "ECS_AGENT_URI")   # always the agent's values
 
 
 class TaskDefinitionError(ValueError):
@@ -4933,25 +4933,14 @@ ROUTES: tuple[Route, ...] = (
     route("GET", "/api[/{ident}]/task-protection/v1/state", Endpoints.protection_state),
     route("PUT", "/api[/{ident}]/task-protection/v1/state", Endpoints.update_protection, guard=Guard.TOKEN,
           body=True),
-    # Fault injection at $ECS_AGENT_URI, the agent's nine routes (FaultInjector); without {ident}, the caller's task.
-    route("POST", "/api[/{ident}]/fault/v1/{fault:network-blackhole-port}/start", Endpoints.start_fault,
-          guard=Guard.TOKEN, body=True),
-    route("POST", "/api[/{ident}]/fault/v1/{fault:network-blackhole-port}/stop", Endpoints.stop_fault,
-          guard=Guard.TOKEN, body=True),
-    route("POST", "/api[/{ident}]/fault/v1/{fault:network-blackhole-port}/status", Endpoints.fault_status,
-          guard=Guard.TOKEN, body=True),
-    route("POST", "/api[/{ident}]/fault/v1/{fault:network-latency}/start", Endpoints.start_fault,
-          guard=Guard.TOKEN, body=True),
-    route("POST", "/api[/{ident}]/fault/v1/{fault:network-latency}/stop", Endpoints.stop_fault,
-          guard=Guard.TOKEN, body=True),
-    route("POST", "/api[/{ident}]/fault/v1/{fault:network-latency}/status", Endpoints.fault_status,
-          guard=Guard.TOKEN, body=True),
-    route("POST", "/api[/{ident}]/fault/v1/{fault:network-packet-loss}/start", Endpoints.start_fault,
-          guard=Guard.TOKEN, body=True),
-    route("POST", "/api[/{ident}]/fault/v1/{fault:network-packet-loss}/stop", Endpoints.stop_fault,
-          guard=Guard.TOKEN, body=True),
-    route("POST", "/api[/{ident}]/fault/v1/{fault:network-packet-loss}/status", Endpoints.fault_status,
-          guard=Guard.TOKEN, body=True),
+    # Fault injection at $ECS_AGENT_URI, the agent's nine routes, three faults in each rule (FaultInjector);
+    # without {ident}, the caller's task.
+    route("POST", "/api[/{ident}]/fault/v1/{fault:network-blackhole-port|network-latency|network-packet-loss}/start",
+          Endpoints.start_fault, guard=Guard.TOKEN, body=True),
+    route("POST", "/api[/{ident}]/fault/v1/{fault:network-blackhole-port|network-latency|network-packet-loss}/stop",
+          Endpoints.stop_fault, guard=Guard.TOKEN, body=True),
+    route("POST", "/api[/{ident}]/fault/v1/{fault:network-blackhole-port|network-latency|network-packet-loss}/status",
+          Endpoints.fault_status, guard=Guard.TOKEN, body=True),
 )
 
 
@@ -5847,8 +5836,8 @@ def parse_run_args(argv: list[str]) -> argparse.Namespace:
         prog="local_endpoints.py run",
         description="Run an ECS task definition on this Docker Engine as the ECS agent runs it: its containers "
                     "in dependency order, its task role, and the endpoints at 169.254.170.2 in each network "
-                    "namespace. Needs root on Linux (in the image: --cap-add SYS_ADMIN --cap-add NET_ADMIN --pid host). Stops the task "
-                    "on Ctrl-C or SIGTERM and removes everything it created.",
+                    "namespace. Needs root on Linux (in the image: --cap-add SYS_ADMIN --cap-add NET_ADMIN "
+                    "--pid host). Stops the task on Ctrl-C or SIGTERM and removes everything it created.",
         epilog="exit status: that of the essential container whose exit stopped the task; 2 for invalid "
                "input; 1 when the task could not start; 130/143 when stopped by Ctrl-C/SIGTERM")
     parser.add_argument("taskdef", help="a JSON file (register-task-definition input or describe-task-definition "

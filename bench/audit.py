@@ -1,4 +1,4 @@
-"""Benchmark of issue 11: what the audit trail costs on cached credentials, measured with wrk.
+"""Benchmark: what the audit trail costs on cached credentials, measured with wrk.
 
 Starts moto_server behind testlib's counting proxy, creates a role, and starts
 local_endpoints.py servers on it that differ only in logging:

@@ -1,4 +1,4 @@
-"""Benchmark of issue 10: warm IMDS credentials against warm /creds, driven by wrk.
+"""Benchmark: warm IMDS credentials against warm /creds, driven by wrk.
 
 Starts moto_server behind testlib's counting proxy (STS), starts
 local_endpoints.py pointed at it, takes one IMDSv2 session token, warms both

@@ -1,4 +1,4 @@
-"""Benchmark of issue 3: warm /v4/{name} and /v4/{name}/task against the original's floor.
+"""Benchmark: warm /v4/{name} and /v4/{name}/task against the original's floor.
 
 The original listed every container on each metadata request, so a direct
 ``GET /containers/json`` on the same Docker socket is the least any request of

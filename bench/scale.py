@@ -1,4 +1,4 @@
-"""Benchmark of issue 12: 20, 100 and 200 containers in one compose project.
+"""Benchmark: 20, 100 and 200 containers in one compose project.
 
 Starts busybox ``sleep`` containers labelled as one compose project (the labels
 docker compose sets), growing the project to each count in turn. At each count:

@@ -1,4 +1,4 @@
-"""Benchmark of issue 4: warm /v4/{name}/stats and /v4/{name}/task/stats against a direct stats call.
+"""Benchmark: warm /v4/{name}/stats and /v4/{name}/task/stats against a direct stats call.
 
 Docker's ``GET /containers/{id}/stats?stream=false`` waits for a second
 sample, about one second, and the original made that call for each stats
