@@ -22,14 +22,13 @@ engine), the commands ~2 min.
 from __future__ import annotations
 
 import ast
-import os
 import re
 import shlex
 import time
 import tomllib
 
 import local_endpoints
-from testlib import REPO_ROOT, debootstrap_image, unavailable
+from testlib import REPO_ROOT, stock_debian_image
 from test_readme_commands import USER_ID, snapshot
 
 PYPROJECT = REPO_ROOT / "pyproject.toml"
@@ -84,14 +83,9 @@ def test_readme_gives_the_install_and_start_commands():
 
 
 def test_install_and_start_commands_on_stock_debian_12(docker_engine, tmp_path, record_property):
-    if os.geteuid() != 0:
-        unavailable("needs root (debootstrap): run the tests as root")
-    if docker_engine.socket is None:
-        unavailable(f"needs a local engine to mount the clone into, not {docker_engine.host}")
     started = time.monotonic()
-    if not docker_engine.has_image(DEBIAN_PIPX_IMAGE):
-        debootstrap_image(docker_engine, DEBIAN_PIPX_IMAGE, ["python3", "python3-venv", "git", "pipx"],
-                          tmp_path / "debian")
+    stock_debian_image(docker_engine, DEBIAN_PIPX_IMAGE, ["python3", "python3-venv", "git", "pipx"],
+                       tmp_path / "debian")
     built = time.monotonic()
     source = snapshot(tmp_path / "src")
     has_run = hasattr(local_endpoints, "run_main")

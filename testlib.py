@@ -635,6 +635,17 @@ def busybox_image(engine: DockerEngine) -> str:
     return engine.created_image(BUSYBOX_TAG)
 
 
+def stock_debian_image(engine: DockerEngine, tag: str, packages: list[str], workdir: Path) -> None:
+    """A Debian 12 image with nothing but packages, to run the README's commands as a newcomer
+    would (kept on the engine once made); ``unavailable`` without root or a local engine socket."""
+    if os.geteuid() != 0:
+        unavailable("needs root (debootstrap): run the tests as root")
+    if engine.socket is None:
+        unavailable(f"needs a local engine to mount the clone into, not {engine.host}")
+    if not engine.has_image(tag):
+        debootstrap_image(engine, tag, packages, workdir)
+
+
 PAUSE_TAG = "local-endpoints-test/pause:latest"
 
 
