@@ -49,9 +49,11 @@ token are allowed, ``RoleAllowlist`` which roles may be handed out, and
 ``AuditTrail`` writes the records, each before its answer is sent (a log line
 is one write(2), ``LineHandler``).  Every setting is one row of ``SETTINGS``.
 
-Sections, in file order: configuration, Docker client, credentials, metadata
-builders, task definitions, run (one task's containers), stats, fault injection, the route table
-and its handlers, the HTTP handler, run (the command), main().
+Sections, in file order, as data flows: settings; errors and responses; the outside
+edges (DockerClient, AwsIdentity); the Docker view; credentials; access and audit; ECS
+documents (pure); task definitions (pure: run's plan); background services (stats, task
+protection, fault injection); run (one task's containers); handlers, by family; ROUTES;
+HTTP; run (the command); main().
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 # ---------------------------------------------------------------------------
-# Configuration
+# Settings: every setting is one row of SETTINGS, its default computed there
 # ---------------------------------------------------------------------------
 
 DEFAULT_TASK_ARN = (
@@ -477,67 +479,9 @@ def default_config() -> Config:
     return load_config(parse_args([]), {})
 
 
-class JsonOverride:
-    """A JSON file merged over generated responses, re-read when it changes on disk."""
-
-    def __init__(self, path: str | None):
-        self.path = path
-        self._stamp: tuple[float, int] | None = None
-        self.value: dict = {}
-        self.generation = 0   # counts reloads, so cached responses know when to rebuild
-        self._lock = threading.Lock()
-        if path:
-            self.value = self._read()
-            self._stamp = self._stat()
-
-    def _stat(self) -> tuple[float, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_mtime, st.st_size)
-
-    def _read(self) -> dict:
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                value = json.load(f)
-        except OSError as exc:
-            raise ConfigError(f"{self.path}: {exc.strerror}") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{self.path}: invalid JSON at line {exc.lineno} column {exc.colno}: "
-                              f"{exc.msg}") from None
-        if not isinstance(value, dict):
-            raise ConfigError(f"{self.path}: expected a JSON object")
-        return value
-
-    def refresh(self) -> int:
-        """Re-read the file if it changed (a broken edit keeps the last good version and warns);
-        returns the generation in use."""
-        if not self.path:
-            return 0
-        stamp = self._stat()
-        if stamp != self._stamp:
-            with self._lock:
-                if stamp != self._stamp:
-                    try:
-                        self.value = self._read()
-                        self.generation += 1
-                        log.info("reloaded %s", self.path)
-                    except ConfigError as exc:
-                        log.warning("keeping the previous metadata override: %s", exc)
-                    self._stamp = stamp
-        return self.generation
-
-
-def deep_merge(base: Any, override: Any) -> Any:
-    """override wins; objects are merged key by key, everything else is replaced."""
-    if isinstance(base, dict) and isinstance(override, dict):
-        merged = dict(base)
-        for key, value in override.items():
-            merged[key] = deep_merge(base.get(key), value)
-        return merged
-    return copy.deepcopy(override)
-
+# ---------------------------------------------------------------------------
+# Errors and responses: what every handler returns or raises
+# ---------------------------------------------------------------------------
 
 @dataclass
 class Response:
@@ -572,7 +516,8 @@ class ApiError(Exception):
 
 
 # ---------------------------------------------------------------------------
-# Docker client
+# The outside edges: DockerClient (the Docker Engine API) and AwsIdentity (boto3),
+# the only two classes that call out of the process
 # ---------------------------------------------------------------------------
 
 DOCKER_TIMEOUT = 5.0
@@ -896,367 +841,6 @@ class DockerClient:
         finally:
             response.close()
             session.close()
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """The engine's containers (docker inspect JSON) and networks at one moment.
-
-    A snapshot never changes; a change in Docker makes a new one.  So responses
-    built from it can be kept in memo until it is replaced.
-    """
-    containers: dict[str, dict]
-    networks: dict[str, dict]
-    health: dict[str, tuple[str, str | None]] = field(default_factory=dict)   # see health_transitions
-    memo: dict[tuple, Any] = field(default_factory=dict, compare=False, repr=False)
-
-    def running(self) -> list[dict]:
-        return [c for c in self.containers.values() if c["State"].get("Running")]
-
-    @functools.cached_property
-    def bridge_subnets(self) -> tuple[IPNetwork, ...]:
-        """Subnets of bridge networks: their containers may ask for credentials by default.
-
-        Not macvlan/ipvlan: their subnet is the LAN itself.  Worked out once per snapshot.
-        """
-        subnets = []
-        for network in self.networks.values():
-            if network.get("Driver") != "bridge":
-                continue
-            for conf in (network.get("IPAM") or {}).get("Config") or []:
-                try:
-                    subnets.append(ipaddress.ip_network(conf["Subnet"], strict=False))
-                except (KeyError, ValueError):
-                    pass
-        return tuple(subnets)
-
-
-# "remove" is podman's "destroy".
-WATCHED_EVENTS = frozenset({"create", "start", "restart", "die", "destroy", "remove", "rename", "pause",
-                            "unpause", "update", "health_status"})
-
-
-class ContainerView:
-    """An in-memory copy of the engine's containers, kept current by its /events stream.
-
-    The original listed every container on every request; here a warm request
-    makes no Docker call, and a cold one (Docker just came back) one round.
-    """
-
-    RESYNC_SECONDS = 60.0
-    RETRY_SECONDS = 1.0
-
-    def __init__(self, docker: DockerClient, on_change: Callable[[Snapshot], None] = lambda snapshot: None):
-        self.docker = docker
-        self._on_change = on_change   # told of every new container list, in order (StatsHub.follow)
-        self._snapshot = Snapshot({}, {})
-        self._empty = Snapshot({}, {})   # what current() shows while Docker is unreachable
-        self._synced = False
-        self._sync_started = 0.0
-        self._last_failure: tuple[float, ApiError] | None = None
-        self._sync_lock = threading.Lock()
-        self._write_lock = threading.Lock()
-
-    @property
-    def reachable(self) -> bool:
-        return self._synced
-
-    def current(self) -> Snapshot:
-        """What is known now, without calling Docker (empty while Docker is unreachable)."""
-        return self._snapshot if self._synced else self._empty
-
-    def snapshot(self) -> Snapshot:
-        """The current view, synchronising first if Docker was unreachable."""
-        if not self._synced:
-            failure = self._last_failure
-            if failure and time.monotonic() - failure[0] < self.RETRY_SECONDS:
-                raise failure[1]
-            return self.sync()
-        return self._snapshot
-
-    def sync(self, after: float = 0.0) -> Snapshot:
-        """List and inspect every container, and list the networks: one round of calls.
-
-        With after (a time.monotonic() moment), a sync that started since then is
-        enough: concurrent lookups that missed share one round.
-        """
-        if not self._sync_lock.acquire(timeout=DOCKER_TIMEOUT):
-            raise self.docker.timeout_error()
-        try:
-            if after and self._synced and self._sync_started >= after:
-                return self._snapshot
-            self._sync_started = time.monotonic()
-            containers = {}
-            for summary in self.docker.containers():
-                try:
-                    containers[summary["Id"]] = self.docker.inspect(summary["Id"])
-                except LookupError:
-                    pass   # removed between list and inspect
-            networks = {n["Id"]: n for n in self.docker.networks()}
-            with self._write_lock:
-                self._snapshot = Snapshot(containers, networks,
-                                          health_transitions(self._snapshot.health, containers))
-                self._synced = True
-                self._last_failure = None
-                self._on_change(self._snapshot)
-            return self._snapshot
-        except ApiError as exc:
-            self._synced = False
-            self._last_failure = (time.monotonic(), exc)
-            raise
-        finally:
-            self._sync_lock.release()
-
-    def _refresh_container(self, container_id: str) -> None:
-        try:
-            data = self.docker.inspect(container_id)
-        except LookupError:
-            data = None
-        with self._write_lock:
-            containers = dict(self._snapshot.containers)
-            if data is None:
-                containers.pop(container_id, None)
-            else:
-                containers[container_id] = data
-            self._snapshot = Snapshot(containers, self._snapshot.networks,
-                                      health_transitions(self._snapshot.health, containers))
-            self._on_change(self._snapshot)
-        if data is not None and outside_networks(data, self._snapshot.networks):
-            self._refresh_networks()
-
-    def _refresh_networks(self) -> None:
-        networks = {n["Id"]: n for n in self.docker.networks()}
-        with self._write_lock:
-            self._snapshot = Snapshot(self._snapshot.containers, networks, self._snapshot.health)
-
-    def _apply(self, event: dict) -> None:
-        action = event.get("Action", "").split(":")[0]
-        actor = event.get("Actor") or {}
-        if event.get("Type") == "container" and action in WATCHED_EVENTS:
-            self._refresh_container(actor["ID"])
-        elif event.get("Type") == "network":
-            # Docker names the container in the attributes; podman makes it the actor.
-            container_id = (actor.get("Attributes") or {}).get("container") or actor.get("ID")
-            if action in ("connect", "disconnect") and container_id:
-                self._refresh_container(container_id)
-            if action in ("create", "destroy", "remove"):
-                self._refresh_networks()
-
-    def start(self) -> None:
-        threading.Thread(target=self._watch, name="docker-events", daemon=True).start()
-
-    def _watch(self) -> None:
-        """Follow /events for ever: reconnect when the stream breaks, resync every RESYNC_SECONDS.
-
-        Docker ends the stream itself at `until`, which is when the loop resyncs; the read
-        timeout only catches an engine that stopped answering.
-        """
-        while True:
-            try:
-                now = int(time.time())
-                events = self.docker.events(since=now, until=now + int(self.RESYNC_SECONDS),
-                                            read_timeout=self.RESYNC_SECONDS + 30)
-                with contextlib.closing(events):
-                    self.sync()   # after the stream opened, so no change falls in between
-                    for event in events:
-                        self._apply(event)
-            except (ApiError, LookupError) as exc:
-                self._synced = False
-                log.debug("Docker events stream: %s", exc.message if isinstance(exc, ApiError) else exc)
-                time.sleep(self.RETRY_SECONDS)
-            except Exception:   # never let the watcher die: metadata would go stale
-                log.exception("Docker events stream failed")
-                self._synced = False
-                time.sleep(self.RETRY_SECONDS)
-
-
-def container_name(container: dict) -> str:
-    return container.get("Name", "").lstrip("/")
-
-
-def labels_of(container: dict) -> dict[str, str]:
-    return (container.get("Config") or {}).get("Labels") or {}
-
-
-def container_ips(container: dict) -> dict[str, tuple[str, ...]]:
-    """Network ID -> the container's addresses on it, in the canonical text form Docker writes."""
-    return {endpoint.get("NetworkID", ""): tuple(endpoint[key] for key in ("IPAddress", "GlobalIPv6Address")
-                                                 if endpoint.get(key))
-            for endpoint in ((container.get("NetworkSettings") or {}).get("Networks") or {}).values()}
-
-
-def outside_networks(container: dict, networks: dict[str, dict]) -> bool:
-    """Whether the container has an address in none of the networks' subnets.
-
-    Podman sends no events for the networks it creates or removes: a container on a
-    network the view does not know yet is how the view learns that it must list them again.
-    """
-    subnets = []
-    for network in networks.values():
-        for conf in (network.get("IPAM") or {}).get("Config") or []:
-            with contextlib.suppress(KeyError, ValueError):
-                subnets.append(ipaddress.ip_network(conf["Subnet"], strict=False))
-    return any(not any(ipaddress.ip_address(address) in subnet for subnet in subnets)
-               for addresses in container_ips(container).values() for address in addresses)
-
-
-def own_container_candidates(config: Config) -> list[str]:
-    """What may name the container this server runs in, most explicit first."""
-    candidates = []
-    if config.own_container:
-        candidates.append(config.own_container)
-    if config.hostname and re.fullmatch(r"[0-9a-f]{12,64}", config.hostname):
-        candidates.append(config.hostname)
-    try:
-        # Docker bind-mounts /etc/hostname from .../containers/<id>/hostname.
-        with open("/proc/self/mountinfo", encoding="utf-8") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and fields[4] in ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf"):
-                    match = re.search(r"/containers/([0-9a-f]{64})/", fields[3])
-                    if match:
-                        candidates.append(match.group(1))
-                        break
-    except OSError:
-        pass
-    try:
-        with open("/proc/self/cgroup", encoding="utf-8") as f:
-            match = re.search(r"(?:docker[-/])([0-9a-f]{64})", f.read())
-            if match:
-                candidates.append(match.group(1))
-    except OSError:
-        pass
-    return candidates
-
-
-def find_own_container(snapshot: Snapshot, candidates: list[str]) -> dict | None:
-    for candidate in candidates:
-        for container in snapshot.containers.values():
-            if container["Id"].startswith(candidate) or container_name(container) == candidate:
-                return container
-    return None
-
-
-def match_identifier(snapshot: Snapshot, identifier: str, exclude: str | None) -> list[dict]:
-    """Containers named by identifier; the first level with any match decides.
-
-    Levels: exact name or full ID; compose service; ID prefix; substring of a
-    name (the original's rule).  Only exact names reach stopped containers.
-    """
-    everyone = [c for c in snapshot.containers.values() if c["Id"] != exclude]
-    running = [c for c in everyone if c["State"].get("Running")]
-    levels: tuple[Callable[[dict], bool], ...] = (
-        lambda c: container_name(c) == identifier or c["Id"] == identifier,
-        lambda c: labels_of(c).get(COMPOSE_SERVICE) == identifier,
-        lambda c: c["Id"].startswith(identifier),
-        lambda c: identifier in container_name(c),
-    )
-    for level, test in enumerate(levels):
-        found = [c for c in (everyone if level == 0 else running) if test(c)]
-        if found:
-            return found
-    return []
-
-
-def match_ip(snapshot: Snapshot, caller: IPAddress, own: dict | None) -> list[dict]:
-    """Running containers with the caller's address, on the server's own networks if it has any."""
-    networks = set(container_ips(own)) if own else set()
-    address = str(caller)
-    found = []
-    for container in snapshot.running():
-        if own and container["Id"] == own["Id"]:
-            continue
-        for network_id, addresses in container_ips(container).items():
-            if (not networks or network_id in networks) and address in addresses:
-                found.append(container)
-                break
-    return found
-
-
-def task_members(snapshot: Snapshot, caller: dict, own_id: str | None) -> list[dict]:
-    """The caller's "task": its compose project including exited containers, as ECS lists a
-    task's stopped containers; outside compose, every running container (the original's
-    documented rule: "all currently running containers on your machine")."""
-    project = labels_of(caller).get(COMPOSE_PROJECT)
-    if project:
-        members = [c for c in snapshot.containers.values() if labels_of(c).get(COMPOSE_PROJECT) == project]
-    else:
-        members = snapshot.running()
-    members = [c for c in members if c["Id"] != own_id]
-    return sorted(members, key=lambda c: (c.get("Created", ""), container_name(c)))
-
-
-# ---------------------------------------------------------------------------
-# Credentials
-# ---------------------------------------------------------------------------
-
-CREDENTIALS_FRESH_SECONDS = 20 * 60     # reuse while more than this is left: clients get >= 15 min
-CREDENTIALS_AHEAD_SECONDS = 30 * 60     # refresh in the background once less than this is left
-ASSUME_ROLE_SECONDS = 3600
-MFA_ATTEMPTS = 3                        # MFA codes asked at start-up before giving up (AWS refused them)
-MFA_WARN_SECONDS = 3600                 # the log says once when the MFA session has less than this left
-IDENTITY_RETRY_SECONDS = 300            # a failed sts:GetCallerIdentity is not retried for this long
-MISSING_ROLE_SECONDS = 60               # a role IAM said does not exist is not asked for again for this long
-MISSING_ROLES_KEPT = 1024               # at most this many such names remembered (any caller may send any)
-ROLE_NAME = re.compile(r"[\w+=,.@-]{1,64}", re.ASCII)
-ROLE_ARN = re.compile(r"arn:aws(?:-[a-z]+)*:iam::\d{12}:role/(?:[\x21-\x2e\x30-\x7e]+/){0,50}([\w+=,.@-]{1,64})",
-                      re.ASCII)
-
-
-def glob_pattern(glob: str) -> re.Pattern:
-    """A `*` glob as a regular expression: `*` is any text, slashes included; nothing else is special."""
-    return re.compile(".*".join(re.escape(part) for part in glob.split("*")), re.DOTALL)
-
-
-class RoleAllowlist:
-    """ECS_LOCAL_ALLOWED_ROLES: the roles containers may ask for, checked before STS is called.
-
-    A role name allows /role/{name}.  An ARN or a `*` glob on ARNs allows /role-arn/{arn}, and
-    /role/{name} when the name's ARN (read with iam:GetRole) matches it; a name that no ARN
-    or glob could end in is refused without any AWS call.  Names never allow /role-arn/{arn}:
-    the ARN may be of a role with that name in another account.
-    """
-
-    def __init__(self, entries: tuple[str, ...]):
-        self.entries = entries
-        self._names = frozenset(e for e in entries if not e.startswith("arn:"))
-        globs = [e for e in entries if e.startswith("arn:")]
-        self._arns = tuple(glob_pattern(g) for g in globs)
-        # What a role name must look like to end an ARN a glob matches: the text after the glob's
-        # last '/', or, when a '*' there may also span slashes, what follows its first '*'.
-        tails = [g.rsplit("/", 1)[-1] for g in globs]
-        self._tails = tuple(glob_pattern("*" + t.split("*", 1)[1] if "*" in t else t) for t in tails)
-
-    @classmethod
-    def parse(cls, text: str) -> RoleAllowlist:
-        entries = tuple(part.strip() for part in text.split(",") if part.strip())
-        if not entries:
-            raise ValueError("lists no role (leave it unset to allow any)")
-        for entry in entries:
-            if entry.startswith("arn:"):
-                if ":role/" not in entry:
-                    raise ValueError(f"{entry!r} is not a role ARN or ARN glob (arn:aws:iam::ACCOUNT:role/NAME)")
-            elif not ROLE_NAME.fullmatch(entry):
-                raise ValueError(f"{entry!r} is not a role name; `*` globs apply to ARNs "
-                                 "(arn:aws:iam::123456789012:role/team-*)")
-        return cls(entries)
-
-    def __str__(self) -> str:
-        return ",".join(self.entries)
-
-    def name_allowed(self, name: str) -> bool | None:
-        """True: listed by name; None: only its ARN can tell; False: no entry could allow it."""
-        if name in self._names:
-            return True
-        return None if any(tail.fullmatch(name) for tail in self._tails) else False
-
-    def arn_allowed(self, arn: str) -> bool:
-        return any(pattern.fullmatch(arn) for pattern in self._arns)
-
-    def refusal(self, role: str) -> ApiError:
-        return ApiError(403, "RoleNotAllowed",
-                        f"role {role} is not in ECS_LOCAL_ALLOWED_ROLES ({self}): add its name, its ARN or "
-                        "an ARN glob (arn:aws:iam::123456789012:role/team-*) there to allow it")
 
 
 @dataclass(frozen=True)
@@ -1592,6 +1176,371 @@ def session_name_for(arn: str) -> str:
     return f"ecs-local-{arn.rsplit('/', 1)[-1]}"[:64]
 
 
+# ---------------------------------------------------------------------------
+# The Docker view: the engine's containers and networks, kept current from its events
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The engine's containers (docker inspect JSON) and networks at one moment.
+
+    A snapshot never changes; a change in Docker makes a new one.  So responses
+    built from it can be kept in memo until it is replaced.
+    """
+    containers: dict[str, dict]
+    networks: dict[str, dict]
+    health: dict[str, tuple[str, str | None]] = field(default_factory=dict)   # see health_transitions
+    memo: dict[tuple, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def running(self) -> list[dict]:
+        return [c for c in self.containers.values() if c["State"].get("Running")]
+
+    @functools.cached_property
+    def bridge_subnets(self) -> tuple[IPNetwork, ...]:
+        """Subnets of bridge networks: their containers may ask for credentials by default.
+
+        Not macvlan/ipvlan: their subnet is the LAN itself.  Worked out once per snapshot.
+        """
+        subnets = []
+        for network in self.networks.values():
+            if network.get("Driver") != "bridge":
+                continue
+            for conf in (network.get("IPAM") or {}).get("Config") or []:
+                try:
+                    subnets.append(ipaddress.ip_network(conf["Subnet"], strict=False))
+                except (KeyError, ValueError):
+                    pass
+        return tuple(subnets)
+
+
+# "remove" is podman's "destroy".
+WATCHED_EVENTS = frozenset({"create", "start", "restart", "die", "destroy", "remove", "rename", "pause",
+                            "unpause", "update", "health_status"})
+
+
+class ContainerView:
+    """An in-memory copy of the engine's containers, kept current by its /events stream.
+
+    The original listed every container on every request; here a warm request
+    makes no Docker call, and a cold one (Docker just came back) one round.
+    """
+
+    RESYNC_SECONDS = 60.0
+    RETRY_SECONDS = 1.0
+
+    def __init__(self, docker: DockerClient, on_change: Callable[[Snapshot], None] = lambda snapshot: None):
+        self.docker = docker
+        self._on_change = on_change   # told of every new container list, in order (StatsHub.follow)
+        self._snapshot = Snapshot({}, {})
+        self._empty = Snapshot({}, {})   # what current() shows while Docker is unreachable
+        self._synced = False
+        self._sync_started = 0.0
+        self._last_failure: tuple[float, ApiError] | None = None
+        self._sync_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+
+    @property
+    def reachable(self) -> bool:
+        return self._synced
+
+    def current(self) -> Snapshot:
+        """What is known now, without calling Docker (empty while Docker is unreachable)."""
+        return self._snapshot if self._synced else self._empty
+
+    def snapshot(self) -> Snapshot:
+        """The current view, synchronising first if Docker was unreachable."""
+        if not self._synced:
+            failure = self._last_failure
+            if failure and time.monotonic() - failure[0] < self.RETRY_SECONDS:
+                raise failure[1]
+            return self.sync()
+        return self._snapshot
+
+    def sync(self, after: float = 0.0) -> Snapshot:
+        """List and inspect every container, and list the networks: one round of calls.
+
+        With after (a time.monotonic() moment), a sync that started since then is
+        enough: concurrent lookups that missed share one round.
+        """
+        if not self._sync_lock.acquire(timeout=DOCKER_TIMEOUT):
+            raise self.docker.timeout_error()
+        try:
+            if after and self._synced and self._sync_started >= after:
+                return self._snapshot
+            self._sync_started = time.monotonic()
+            containers = {}
+            for summary in self.docker.containers():
+                try:
+                    containers[summary["Id"]] = self.docker.inspect(summary["Id"])
+                except LookupError:
+                    pass   # removed between list and inspect
+            networks = {n["Id"]: n for n in self.docker.networks()}
+            with self._write_lock:
+                self._snapshot = Snapshot(containers, networks,
+                                          health_transitions(self._snapshot.health, containers))
+                self._synced = True
+                self._last_failure = None
+                self._on_change(self._snapshot)
+            return self._snapshot
+        except ApiError as exc:
+            self._synced = False
+            self._last_failure = (time.monotonic(), exc)
+            raise
+        finally:
+            self._sync_lock.release()
+
+    def _refresh_container(self, container_id: str) -> None:
+        try:
+            data = self.docker.inspect(container_id)
+        except LookupError:
+            data = None
+        with self._write_lock:
+            containers = dict(self._snapshot.containers)
+            if data is None:
+                containers.pop(container_id, None)
+            else:
+                containers[container_id] = data
+            self._snapshot = Snapshot(containers, self._snapshot.networks,
+                                      health_transitions(self._snapshot.health, containers))
+            self._on_change(self._snapshot)
+        if data is not None and outside_networks(data, self._snapshot.networks):
+            self._refresh_networks()
+
+    def _refresh_networks(self) -> None:
+        networks = {n["Id"]: n for n in self.docker.networks()}
+        with self._write_lock:
+            self._snapshot = Snapshot(self._snapshot.containers, networks, self._snapshot.health)
+
+    def _apply(self, event: dict) -> None:
+        action = event.get("Action", "").split(":")[0]
+        actor = event.get("Actor") or {}
+        if event.get("Type") == "container" and action in WATCHED_EVENTS:
+            self._refresh_container(actor["ID"])
+        elif event.get("Type") == "network":
+            # Docker names the container in the attributes; podman makes it the actor.
+            container_id = (actor.get("Attributes") or {}).get("container") or actor.get("ID")
+            if action in ("connect", "disconnect") and container_id:
+                self._refresh_container(container_id)
+            if action in ("create", "destroy", "remove"):
+                self._refresh_networks()
+
+    def start(self) -> None:
+        threading.Thread(target=self._watch, name="docker-events", daemon=True).start()
+
+    def _watch(self) -> None:
+        """Follow /events for ever: reconnect when the stream breaks, resync every RESYNC_SECONDS.
+
+        Docker ends the stream itself at `until`, which is when the loop resyncs; the read
+        timeout only catches an engine that stopped answering.
+        """
+        while True:
+            try:
+                now = int(time.time())
+                events = self.docker.events(since=now, until=now + int(self.RESYNC_SECONDS),
+                                            read_timeout=self.RESYNC_SECONDS + 30)
+                with contextlib.closing(events):
+                    self.sync()   # after the stream opened, so no change falls in between
+                    for event in events:
+                        self._apply(event)
+            except (ApiError, LookupError) as exc:
+                self._synced = False
+                log.debug("Docker events stream: %s", exc.message if isinstance(exc, ApiError) else exc)
+                time.sleep(self.RETRY_SECONDS)
+            except Exception:   # never let the watcher die: metadata would go stale
+                log.exception("Docker events stream failed")
+                self._synced = False
+                time.sleep(self.RETRY_SECONDS)
+
+
+def container_name(container: dict) -> str:
+    return container.get("Name", "").lstrip("/")
+
+
+def labels_of(container: dict) -> dict[str, str]:
+    return (container.get("Config") or {}).get("Labels") or {}
+
+
+def container_ips(container: dict) -> dict[str, tuple[str, ...]]:
+    """Network ID -> the container's addresses on it, in the canonical text form Docker writes."""
+    return {endpoint.get("NetworkID", ""): tuple(endpoint[key] for key in ("IPAddress", "GlobalIPv6Address")
+                                                 if endpoint.get(key))
+            for endpoint in ((container.get("NetworkSettings") or {}).get("Networks") or {}).values()}
+
+
+def outside_networks(container: dict, networks: dict[str, dict]) -> bool:
+    """Whether the container has an address in none of the networks' subnets.
+
+    Podman sends no events for the networks it creates or removes: a container on a
+    network the view does not know yet is how the view learns that it must list them again.
+    """
+    subnets = []
+    for network in networks.values():
+        for conf in (network.get("IPAM") or {}).get("Config") or []:
+            with contextlib.suppress(KeyError, ValueError):
+                subnets.append(ipaddress.ip_network(conf["Subnet"], strict=False))
+    return any(not any(ipaddress.ip_address(address) in subnet for subnet in subnets)
+               for addresses in container_ips(container).values() for address in addresses)
+
+
+def own_container_candidates(config: Config) -> list[str]:
+    """What may name the container this server runs in, most explicit first."""
+    candidates = []
+    if config.own_container:
+        candidates.append(config.own_container)
+    if config.hostname and re.fullmatch(r"[0-9a-f]{12,64}", config.hostname):
+        candidates.append(config.hostname)
+    try:
+        # Docker bind-mounts /etc/hostname from .../containers/<id>/hostname.
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and fields[4] in ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf"):
+                    match = re.search(r"/containers/([0-9a-f]{64})/", fields[3])
+                    if match:
+                        candidates.append(match.group(1))
+                        break
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/cgroup", encoding="utf-8") as f:
+            match = re.search(r"(?:docker[-/])([0-9a-f]{64})", f.read())
+            if match:
+                candidates.append(match.group(1))
+    except OSError:
+        pass
+    return candidates
+
+
+def find_own_container(snapshot: Snapshot, candidates: list[str]) -> dict | None:
+    for candidate in candidates:
+        for container in snapshot.containers.values():
+            if container["Id"].startswith(candidate) or container_name(container) == candidate:
+                return container
+    return None
+
+
+def match_identifier(snapshot: Snapshot, identifier: str, exclude: str | None) -> list[dict]:
+    """Containers named by identifier; the first level with any match decides.
+
+    Levels: exact name or full ID; compose service; ID prefix; substring of a
+    name (the original's rule).  Only exact names reach stopped containers.
+    """
+    everyone = [c for c in snapshot.containers.values() if c["Id"] != exclude]
+    running = [c for c in everyone if c["State"].get("Running")]
+    levels: tuple[Callable[[dict], bool], ...] = (
+        lambda c: container_name(c) == identifier or c["Id"] == identifier,
+        lambda c: labels_of(c).get(COMPOSE_SERVICE) == identifier,
+        lambda c: c["Id"].startswith(identifier),
+        lambda c: identifier in container_name(c),
+    )
+    for level, test in enumerate(levels):
+        found = [c for c in (everyone if level == 0 else running) if test(c)]
+        if found:
+            return found
+    return []
+
+
+def match_ip(snapshot: Snapshot, caller: IPAddress, own: dict | None) -> list[dict]:
+    """Running containers with the caller's address, on the server's own networks if it has any."""
+    networks = set(container_ips(own)) if own else set()
+    address = str(caller)
+    found = []
+    for container in snapshot.running():
+        if own and container["Id"] == own["Id"]:
+            continue
+        for network_id, addresses in container_ips(container).items():
+            if (not networks or network_id in networks) and address in addresses:
+                found.append(container)
+                break
+    return found
+
+
+def task_members(snapshot: Snapshot, caller: dict, own_id: str | None) -> list[dict]:
+    """The caller's "task": its compose project including exited containers, as ECS lists a
+    task's stopped containers; outside compose, every running container (the original's
+    documented rule: "all currently running containers on your machine")."""
+    project = labels_of(caller).get(COMPOSE_PROJECT)
+    if project:
+        members = [c for c in snapshot.containers.values() if labels_of(c).get(COMPOSE_PROJECT) == project]
+    else:
+        members = snapshot.running()
+    members = [c for c in members if c["Id"] != own_id]
+    return sorted(members, key=lambda c: (c.get("Created", ""), container_name(c)))
+
+
+# ---------------------------------------------------------------------------
+# Credentials: what /creds, /role and IMDS hand out, cached and refreshed ahead
+# ---------------------------------------------------------------------------
+
+CREDENTIALS_FRESH_SECONDS = 20 * 60     # reuse while more than this is left: clients get >= 15 min
+CREDENTIALS_AHEAD_SECONDS = 30 * 60     # refresh in the background once less than this is left
+ASSUME_ROLE_SECONDS = 3600
+MFA_ATTEMPTS = 3                        # MFA codes asked at start-up before giving up (AWS refused them)
+MFA_WARN_SECONDS = 3600                 # the log says once when the MFA session has less than this left
+IDENTITY_RETRY_SECONDS = 300            # a failed sts:GetCallerIdentity is not retried for this long
+MISSING_ROLE_SECONDS = 60               # a role IAM said does not exist is not asked for again for this long
+MISSING_ROLES_KEPT = 1024               # at most this many such names remembered (any caller may send any)
+ROLE_NAME = re.compile(r"[\w+=,.@-]{1,64}", re.ASCII)
+ROLE_ARN = re.compile(r"arn:aws(?:-[a-z]+)*:iam::\d{12}:role/(?:[\x21-\x2e\x30-\x7e]+/){0,50}([\w+=,.@-]{1,64})",
+                      re.ASCII)
+
+
+def glob_pattern(glob: str) -> re.Pattern:
+    """A `*` glob as a regular expression: `*` is any text, slashes included; nothing else is special."""
+    return re.compile(".*".join(re.escape(part) for part in glob.split("*")), re.DOTALL)
+
+
+class RoleAllowlist:
+    """ECS_LOCAL_ALLOWED_ROLES: the roles containers may ask for, checked before STS is called.
+
+    A role name allows /role/{name}.  An ARN or a `*` glob on ARNs allows /role-arn/{arn}, and
+    /role/{name} when the name's ARN (read with iam:GetRole) matches it; a name that no ARN
+    or glob could end in is refused without any AWS call.  Names never allow /role-arn/{arn}:
+    the ARN may be of a role with that name in another account.
+    """
+
+    def __init__(self, entries: tuple[str, ...]):
+        self.entries = entries
+        self._names = frozenset(e for e in entries if not e.startswith("arn:"))
+        globs = [e for e in entries if e.startswith("arn:")]
+        self._arns = tuple(glob_pattern(g) for g in globs)
+        # What a role name must look like to end an ARN a glob matches: the text after the glob's
+        # last '/', or, when a '*' there may also span slashes, what follows its first '*'.
+        tails = [g.rsplit("/", 1)[-1] for g in globs]
+        self._tails = tuple(glob_pattern("*" + t.split("*", 1)[1] if "*" in t else t) for t in tails)
+
+    @classmethod
+    def parse(cls, text: str) -> RoleAllowlist:
+        entries = tuple(part.strip() for part in text.split(",") if part.strip())
+        if not entries:
+            raise ValueError("lists no role (leave it unset to allow any)")
+        for entry in entries:
+            if entry.startswith("arn:"):
+                if ":role/" not in entry:
+                    raise ValueError(f"{entry!r} is not a role ARN or ARN glob (arn:aws:iam::ACCOUNT:role/NAME)")
+            elif not ROLE_NAME.fullmatch(entry):
+                raise ValueError(f"{entry!r} is not a role name; `*` globs apply to ARNs "
+                                 "(arn:aws:iam::123456789012:role/team-*)")
+        return cls(entries)
+
+    def __str__(self) -> str:
+        return ",".join(self.entries)
+
+    def name_allowed(self, name: str) -> bool | None:
+        """True: listed by name; None: only its ARN can tell; False: no entry could allow it."""
+        if name in self._names:
+            return True
+        return None if any(tail.fullmatch(name) for tail in self._tails) else False
+
+    def arn_allowed(self, arn: str) -> bool:
+        return any(pattern.fullmatch(arn) for pattern in self._arns)
+
+    def refusal(self, role: str) -> ApiError:
+        return ApiError(403, "RoleNotAllowed",
+                        f"role {role} is not in ECS_LOCAL_ALLOWED_ROLES ({self}): add its name, its ARN or "
+                        "an ARN glob (arn:aws:iam::123456789012:role/team-*) there to allow it")
+
+
 class KeyedLocks:
     """One lock per key, so concurrent requests for one identity make one AWS call; a key's
     lock is dropped when nobody holds or waits for it, so role names asked once leave nothing."""
@@ -1844,6 +1793,10 @@ class CredentialVendor:
                 release()
         threading.Thread(target=refresh, name="refresh-" + key[:40], daemon=True).start()
 
+
+# ---------------------------------------------------------------------------
+# Access and audit: who may call, and the record of every credentials answer
+# ---------------------------------------------------------------------------
 
 # Who may ask for credentials: an allowlist of networks and an optional token.
 
@@ -2122,7 +2075,7 @@ def safe(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Metadata builders: pure functions from Docker's JSON to ECS's JSON
+# ECS documents: pure functions from Docker's JSON to ECS's JSON
 # ---------------------------------------------------------------------------
 
 TASK_ID_NAMESPACE = uuid.UUID("4d7c1b0e-7a7e-4f41-9d38-0d4a7e2f3c10")
@@ -2468,157 +2421,66 @@ def task_metadata(members: list[dict], version: int, task: TaskIdentity, config:
     return doc
 
 
-# Task scale-in protection: what ECS keeps for UpdateTaskProtection, kept here in memory.
+class JsonOverride:
+    """A JSON file merged over generated responses, re-read when it changes on disk."""
 
-PROTECTION_DEFAULT_MINUTES = 120
-PROTECTION_MAX_MINUTES = 2880
-PROTECTION_FIELDS = ("ProtectionEnabled", "ExpiresInMinutes")
-TASK_NOT_FOUND = "Failed to find a task for the request"
-
-
-class TaskProtectionError(ApiError):
-    """The agent's task-protection error: {"requestID"?, "error": {"Arn"?, "Code", "Message"}}.
-
-    The agent adds Arn once it knows the task, and requestID when the error came from ECS.
-    """
-
-    def __init__(self, status: int, code: str, message: str, arn: str = "", request_id: str = ""):
-        super().__init__(status, code, message)
-        self.arn = arn
-        self.request_id = request_id
-
-    def body(self) -> dict:
-        error = {"Arn": self.arn} if self.arn else {}
-        error.update(Code=self.code, Message=self.message)
-        return {"requestID": self.request_id, "error": error} if self.request_id else {"error": error}
-
-    def response(self) -> Response:
-        return Response(go_json(self.body()), self.status)
-
-
-def go_json(document: Any) -> bytes:
-    """JSON as the agent's Go encoder writes it: no spaces."""
-    return json.dumps(document, separators=(",", ":")).encode()
-
-
-def parse_protection_request(body: bytes) -> tuple[bool | None, int | None]:
-    """(ProtectionEnabled, ExpiresInMinutes) from a PUT body, decoded as the agent's Go decoder does.
-
-    Its first JSON value must be an object (or null) whose keys match the two fields
-    case-insensitively; a bool and an integer, or null.  Anything else is the agent's 400.
-    """
-    def fail(*_: Any) -> Any:
-        raise ValueError("not the agent's JSON")
-
-    try:
-        text = body.decode("utf-8").lstrip(" \t\r\n")
-        decoded, _ = json.JSONDecoder(parse_float=fail, parse_constant=fail).raw_decode(text)
-        if decoded is None:
-            decoded = {}
-        if not isinstance(decoded, dict):
-            raise ValueError("not an object")
-        values: dict[str, Any] = {}
-        for key, value in decoded.items():
-            [name] = [f for f in PROTECTION_FIELDS if f.lower() == key.lower()] or fail()
-            values[name] = value
-        enabled, minutes = values.get("ProtectionEnabled"), values.get("ExpiresInMinutes")
-        if enabled is not None and not isinstance(enabled, bool):
-            fail()
-        if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, int)
-                                    or not -2**63 <= minutes < 2**63):
-            fail()
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise TaskProtectionError(400, "InvalidParameterException",
-                                  "UpdateTaskProtection: failed to decode request") from None
-    return enabled, minutes
-
-
-def expiration_date(expires: float | None) -> str | None:
-    """ECS's expirationDate (milliseconds) as the agent's Go encoder writes a time: RFC 3339 in
-    UTC, trailing zeros of the fraction dropped."""
-    if expires is None:
-        return None
-    milliseconds = round(expires * 1000)
-    moment = datetime.fromtimestamp(milliseconds // 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-    fraction = f"{milliseconds % 1000:03d}".rstrip("0")
-    return f"{moment}.{fraction}Z" if fraction else f"{moment}Z"
-
-
-class TaskProtection:
-    """Scale-in protection per task ARN, in memory: until when each protected task is protected.
-
-    Protection ends by itself at its expiration date, and a task whose containers are all
-    gone is forgotten.  Every answer looks at the clock first; while any task is protected a
-    watcher thread does the same every CHECK_SECONDS, so the log says when protection ends
-    even if nobody asks.  live_tasks gives the ARNs of the tasks that still have containers,
-    or None while that is unknown (Docker unreachable): then nothing is forgotten.
-    """
-
-    CHECK_SECONDS = 5.0
-
-    def __init__(self, live_tasks: Callable[[], set[str] | None], clock: Callable[[], float] = time.time):
-        self._live_tasks = live_tasks
-        self._clock = clock
-        self._expires: dict[str, float] = {}
+    def __init__(self, path: str | None):
+        self.path = path
+        self._stamp: tuple[float, int] | None = None
+        self.value: dict = {}
+        self.generation = 0   # counts reloads, so cached responses know when to rebuild
         self._lock = threading.Lock()
-        self._watching = False
+        if path:
+            self.value = self._read()
+            self._stamp = self._stat()
 
-    def state(self, task_arn: str) -> dict:
-        """The agent's GET answer for the task."""
-        self.sweep()
-        with self._lock:
-            expires = self._expires.get(task_arn)
-        return self._document(task_arn, expires)
+    def _stat(self) -> tuple[float, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime, st.st_size)
 
-    def update(self, task_arn: str, enabled: bool, minutes: int | None) -> dict:
-        """Turn protection on (for minutes, default 120) or off; the agent's PUT answer."""
-        self.sweep()
-        if not enabled:
+    def _read(self) -> dict:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                value = json.load(f)
+        except OSError as exc:
+            raise ConfigError(f"{self.path}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{self.path}: invalid JSON at line {exc.lineno} column {exc.colno}: "
+                              f"{exc.msg}") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self.path}: expected a JSON object")
+        return value
+
+    def refresh(self) -> int:
+        """Re-read the file if it changed (a broken edit keeps the last good version and warns);
+        returns the generation in use."""
+        if not self.path:
+            return 0
+        stamp = self._stat()
+        if stamp != self._stamp:
             with self._lock:
-                ended = self._expires.pop(task_arn, None) is not None
-            if ended:
-                log.info("task protection of %s ended: turned off", task_arn)
-            return self._document(task_arn, None)
-        expires = self._clock() + (minutes or PROTECTION_DEFAULT_MINUTES) * 60
-        with self._lock:
-            extended = task_arn in self._expires
-            self._expires[task_arn] = expires
-            watch, self._watching = not self._watching, True
-        log.info("task protection of %s %s until %s", task_arn, "extended" if extended else "started",
-                 expiration_date(expires))
-        if watch:
-            threading.Thread(target=self._watch, name="task-protection", daemon=True).start()
-        return self._document(task_arn, expires)
+                if stamp != self._stamp:
+                    try:
+                        self.value = self._read()
+                        self.generation += 1
+                        log.info("reloaded %s", self.path)
+                    except ConfigError as exc:
+                        log.warning("keeping the previous metadata override: %s", exc)
+                    self._stamp = stamp
+        return self.generation
 
-    def sweep(self) -> None:
-        """End expired protection and forget tasks whose containers are all gone, logging each."""
-        now, live = self._clock(), self._live_tasks()
-        with self._lock:
-            ended = [(arn, "expired") for arn, expires in self._expires.items() if expires <= now]
-            if live is not None:
-                ended += [(arn, "its containers are gone") for arn, expires in self._expires.items()
-                          if expires > now and arn not in live]
-            for arn, _ in ended:
-                del self._expires[arn]
-        for arn, reason in ended:
-            log.info("task protection of %s ended: %s", arn, reason)
 
-    def _watch(self) -> None:
-        while True:
-            time.sleep(self.CHECK_SECONDS)
-            try:
-                self.sweep()
-            except Exception:   # never let the watcher die with protection left to end
-                log.exception("task protection check failed")
-            with self._lock:
-                if not self._expires:
-                    self._watching = False
-                    return
-
-    @staticmethod
-    def _document(task_arn: str, expires: float | None) -> dict:
-        return {"protection": {"ExpirationDate": expiration_date(expires), "ProtectionEnabled": expires is not None,
-                               "TaskArn": task_arn}}
+def deep_merge(base: Any, override: Any) -> Any:
+    """override wins; objects are merged key by key, everything else is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = deep_merge(base.get(key), value)
+        return merged
+    return copy.deepcopy(override)
 
 
 # ---------------------------------------------------------------------------
@@ -3323,261 +3185,7 @@ def planned_aws_calls(plan: TaskPlan, own_identity: bool) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
-# run: one task's containers, started, watched and stopped as the ECS agent does
-# ---------------------------------------------------------------------------
-
-STATUS_ORDER = ("NONE", "PULLED", "CREATED", "RUNNING", "STOPPED")
-CLONE_NEWNET = 0x40000000
-SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFADDR, SIOCSIFNETMASK = 0x8913, 0x8914, 0x8916, 0x891C
-ENDPOINTS_ALIAS = b"lo:ecs"              # the loopback alias that carries the endpoints' address
-DEPENDENCY_EXIT_CODE = 143               # the agent's exit code for a container whose dependency failed
-LOG_DRAIN_SECONDS = 30                   # how long a stopped container's last output may take to arrive
-
-
-def interface_request(name: bytes, address: str | None = None, flags: int = 0) -> bytes:
-    """struct ifreq: the interface's name, then an IPv4 sockaddr or the flags (40 bytes on Linux)."""
-    if address is not None:
-        return struct.pack("16sHH4s16x", name, socket.AF_INET, 0, socket.inet_aton(address))
-    return struct.pack("16sH22x", name, flags)
-
-
-def add_endpoints_address() -> bool:
-    """169.254.170.2/32 on this thread's network namespace's loopback, as an alias (what
-    `ip address add 169.254.170.2/32 dev lo label lo:ecs` does); False when it was there."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.bind((ENDPOINTS_ADDRESS, 0))
-            return False
-        except OSError as exc:
-            if exc.errno != errno.EADDRNOTAVAIL:
-                raise
-        fcntl.ioctl(probe, SIOCSIFADDR, interface_request(ENDPOINTS_ALIAS, ENDPOINTS_ADDRESS))
-        fcntl.ioctl(probe, SIOCSIFNETMASK, interface_request(ENDPOINTS_ALIAS, "255.255.255.255"))
-        return True
-
-
-def remove_endpoints_address() -> None:
-    """Take the alias down, which removes its address."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        fcntl.ioctl(probe, SIOCSIFFLAGS, interface_request(ENDPOINTS_ALIAS, flags=0))
-
-
-def in_network_namespace(pid: int | None, work: Callable[[], Any]) -> Any:
-    """work() run in the network namespace of process pid (None: this process's), on a thread
-    of its own: setns(2) moves only the calling thread, and that thread then ends."""
-    outcome: dict[str, Any] = {}
-
-    def enter() -> None:
-        try:
-            if pid is not None:
-                with open(f"/proc/{pid}/ns/net", "rb") as namespace:
-                    if ctypes.CDLL(None, use_errno=True).setns(namespace.fileno(), CLONE_NEWNET) != 0:
-                        raise OSError(ctypes.get_errno(), f"setns into the network namespace of pid {pid}: "
-                                                          f"{os.strerror(ctypes.get_errno())}")
-            outcome["value"] = work()
-        except OSError as exc:
-            outcome["error"] = exc
-    thread = threading.Thread(target=enter, name="netns")
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
-
-
-def endpoints_socket(port: int) -> tuple[socket.socket, bool]:
-    """A listening socket at 169.254.170.2:port in this thread's namespace, and whether the
-    address was added for it."""
-    added = add_endpoints_address()
-    listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listening.bind((ENDPOINTS_ADDRESS, port))
-        listening.listen(128)
-    except OSError:
-        listening.close()
-        if added:
-            remove_endpoints_address()
-        raise
-    return listening, added
-
-
-class TaskStopping(Exception):
-    """The task is to stop: reason is ECS's stopped reason, exit_code what `run` exits with."""
-
-    def __init__(self, reason: str, exit_code: int):
-        super().__init__(reason)
-        self.reason = reason
-        self.exit_code = exit_code
-
-
-@dataclass
-class ContainerRun:
-    """One container of the task as it goes: the plan, its Docker ID and latest inspect."""
-    planned: PlannedContainer
-    docker_id: str | None = None
-    inspect: dict | None = None
-    known: str = "NONE"
-    reason: str = ""          # why it stopped without running (a dependency), as the agent says
-
-    @property
-    def exit_code(self) -> int | None:
-        if self.known != "STOPPED":
-            return None
-        return (self.inspect or {}).get("State", {}).get("ExitCode", DEPENDENCY_EXIT_CODE)
-
-    def health(self) -> str:
-        return (((self.inspect or {}).get("State") or {}).get("Health") or {}).get("Status", "")
-
-
-class TaskRun:
-    """The runner's state, in one place: what the runner changes and the endpoints read.
-
-    Every change makes a new Snapshot of the task's containers as they see themselves (a
-    container in a holder's namespace with the holder's addresses and ports), so responses
-    built from one are memoized as for the server's own view.
-    """
-
-    def __init__(self, plan: TaskPlan):
-        self.plan = plan
-        self.containers = {c.docker_name: ContainerRun(c) for c in (*plan.holders, *plan.containers)}
-        self.by_endpoint = {c.endpoint_id: c.docker_name for c in plan.containers}
-        self.desired = "RUNNING"
-        self.stopped_reason = ""
-        self.pull_started: str | None = None
-        self.pull_stopped: str | None = None
-        self.changed = threading.Condition()
-        self.snapshot = Snapshot({}, {})
-
-    def by_name(self, name: str) -> ContainerRun:
-        return next(c for c in self.containers.values() if c.planned.name == name)
-
-    def update(self, docker_name: str, inspect: dict | None = None, known: str | None = None,
-               reason: str = "") -> None:
-        with self.changed:
-            run = self.containers[docker_name]
-            if inspect is not None:
-                run.inspect, run.docker_id = inspect, inspect["Id"]
-                run.known = known_status(inspect.get("State") or {})
-            if known is not None:
-                run.known = known
-            run.reason = reason or run.reason
-            self._snapshot()
-            self.changed.notify_all()
-
-    def stop(self, reason: str) -> None:
-        with self.changed:
-            if self.desired != "STOPPED":
-                self.desired, self.stopped_reason = "STOPPED", reason
-            self._snapshot()
-            self.changed.notify_all()
-
-    def known_status(self) -> str:
-        """The task's: the least advanced of its containers', as the agent works it out."""
-        return min((c.known for c in self.containers.values()), key=STATUS_ORDER.index)
-
-    def _snapshot(self) -> None:
-        seen = {}
-        for run in self.containers.values():
-            if run.inspect is not None:
-                seen[run.docker_id] = self._as_seen(run)
-        self.snapshot = Snapshot(seen, {}, health_transitions(self.snapshot.health, seen))
-
-    def _as_seen(self, run: ContainerRun) -> dict:
-        holder = next((c for c in self.containers.values() if c.planned.docker_name == run.planned.holder), None)
-        if holder is None or holder.inspect is None:
-            return run.inspect
-        return {**run.inspect, "NetworkSettings": holder.inspect.get("NetworkSettings") or {}}
-
-    def visible(self) -> list[ContainerRun]:
-        """The task's containers as its metadata lists them: the awsvpc pause container too for EC2
-        task definitions (the agent lists it), not for Fargate ones (Fargate shows none)."""
-        return [c for c in self.containers.values() if c.inspect is not None and (
-            not c.planned.is_holder or (c.planned.name == PAUSE_NAME and self.plan.identity.launch_type != "FARGATE"))]
-
-    def locate(self, identifier: str | None, namespace: frozenset[str], whole_task: bool = False
-               ) -> tuple[Snapshot, dict]:
-        """The container a request names (its V3EndpointID, or as the server matches names) or,
-        without one, the one container of the namespace the request came from (any of them when
-        the request is about the whole task)."""
-        snapshot = self.snapshot
-        if identifier in self.by_endpoint:
-            found = [self.containers[self.by_endpoint[identifier]]]
-        elif identifier:
-            ids = {c["Id"] for c in match_identifier(snapshot, identifier, None)}
-            found = [c for c in self.visible() if c.docker_id in ids]
-        else:
-            found = [c for c in self.visible() if c.planned.name in namespace]
-        found = [c for c in found if c.docker_id in snapshot.containers][:1 if whole_task else None]
-        if len(found) != 1:
-            raise ApiError(404, "ContainerNotFound" if not found else "AmbiguousContainer",
-                           f"no container of task {self.plan.identity.task_id} matches {identifier!r}" if identifier
-                           else "several containers share this network namespace: name one, as "
-                                "ECS_CONTAINER_METADATA_URI_V4 does")
-        return snapshot, snapshot.containers[found[0].docker_id]
-
-    def planned_for(self, container: dict) -> PlannedContainer:
-        return next(c.planned for c in self.containers.values() if c.docker_id == container["Id"])
-
-
-def run_container_metadata(container: dict, planned: PlannedContainer, desired: str, version: int,
-                           identity: TaskIdentity, health_since: str | None) -> dict:
-    """A container of a task `run` started, as the agent describes it: its task-definition name,
-    the task's desired status, the pause container's type, the log driver the task definition asks for."""
-    doc = container_metadata(container, version, identity, health_since)
-    doc["Name"] = planned.name
-    doc["DesiredStatus"] = desired
-    if planned.is_holder:   # the agent's pause container: steady state RESOURCES_PROVISIONED, no limits
-        doc["Type"] = "CNI_PAUSE"
-        doc["Limits"] = {"CPU": 0, "Memory": 0}
-        if desired == "RUNNING":
-            doc["DesiredStatus"] = "RESOURCES_PROVISIONED"
-        if doc["KnownStatus"] == "RUNNING":
-            doc["KnownStatus"] = "RESOURCES_PROVISIONED"
-    log_configuration = planned.definition.get("logConfiguration") or {}
-    if version >= 4 and log_configuration.get("logDriver"):
-        doc["LogDriver"] = log_configuration["logDriver"]
-        doc.pop("LogOptions", None)
-        if log_configuration.get("options"):
-            doc["LogOptions"] = dict(log_configuration["options"])
-    return doc
-
-
-def run_task_metadata(base: dict, task: TaskRun, version: int, with_tags: bool) -> dict:
-    """The task object of a `run` task: task_metadata's, with what the task definition and the
-    runner know (statuses, limits, pull times, tags, fault injection)."""
-    plan = task.plan
-    doc = {**base, "DesiredStatus": task.desired, "KnownStatus": task.known_status()}
-    limits = {k: v for k, v in (("CPU", task_cpu_vcpu(plan.definition.get("cpu"))),
-                                ("Memory", task_memory_mib(plan.definition.get("memory")))) if v}
-    if limits:
-        doc["Limits"] = limits
-    for key, value in (("PullStartedAt", task.pull_started), ("PullStoppedAt", task.pull_stopped)):
-        if value:
-            doc[key] = value
-    doc.pop("TaskTags", None)
-    doc.pop("ContainerInstanceTags", None)
-    if with_tags and plan.tags:
-        doc["TaskTags"] = dict(plan.tags)
-    if version >= 4:
-        doc["FaultInjectionEnabled"] = bool(plan.definition.get("enableFaultInjection"))
-    return doc
-
-
-def trust_policy_advice(role_arn: str, caller_arn: str | None) -> str:
-    """What to add to a role's trust policy so that the developer's identity may assume it."""
-    statement = {"Effect": "Allow", "Principal": {"AWS": caller_arn or "arn:aws:iam::ACCOUNT:user/YOU"},
-                 "Action": "sts:AssumeRole"}
-    return (f"to run this task locally, let your identity assume {role_arn}: add this statement to the "
-            f"role's trust policy (IAM console, Roles, Trust relationships):\n{json.dumps(statement, indent=2)}")
-
-
-def now_text() -> str:
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-# ---------------------------------------------------------------------------
-# Stats: one streaming collector per container, as the ECS agent keeps
+# Background services: stats, one streaming collector per container, as the ECS agent keeps
 # ---------------------------------------------------------------------------
 
 STATS_WAIT_SECONDS = 2.5
@@ -3724,8 +3332,164 @@ def stats_document(sample: tuple[dict, dict | None], version: int) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Fault injection: the agent's network faults at $ECS_AGENT_URI/fault/v1/, made with the agent's
-# own iptables and tc command lines in the task's network namespace (nsenter)
+# Background services: task scale-in protection, what ECS keeps for UpdateTaskProtection,
+# kept here in memory
+# ---------------------------------------------------------------------------
+
+PROTECTION_DEFAULT_MINUTES = 120
+PROTECTION_MAX_MINUTES = 2880
+PROTECTION_FIELDS = ("ProtectionEnabled", "ExpiresInMinutes")
+TASK_NOT_FOUND = "Failed to find a task for the request"
+
+
+class TaskProtectionError(ApiError):
+    """The agent's task-protection error: {"requestID"?, "error": {"Arn"?, "Code", "Message"}}.
+
+    The agent adds Arn once it knows the task, and requestID when the error came from ECS.
+    """
+
+    def __init__(self, status: int, code: str, message: str, arn: str = "", request_id: str = ""):
+        super().__init__(status, code, message)
+        self.arn = arn
+        self.request_id = request_id
+
+    def body(self) -> dict:
+        error = {"Arn": self.arn} if self.arn else {}
+        error.update(Code=self.code, Message=self.message)
+        return {"requestID": self.request_id, "error": error} if self.request_id else {"error": error}
+
+    def response(self) -> Response:
+        return Response(go_json(self.body()), self.status)
+
+
+def go_json(document: Any) -> bytes:
+    """JSON as the agent's Go encoder writes it: no spaces."""
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def parse_protection_request(body: bytes) -> tuple[bool | None, int | None]:
+    """(ProtectionEnabled, ExpiresInMinutes) from a PUT body, decoded as the agent's Go decoder does.
+
+    Its first JSON value must be an object (or null) whose keys match the two fields
+    case-insensitively; a bool and an integer, or null.  Anything else is the agent's 400.
+    """
+    def fail(*_: Any) -> Any:
+        raise ValueError("not the agent's JSON")
+
+    try:
+        text = body.decode("utf-8").lstrip(" \t\r\n")
+        decoded, _ = json.JSONDecoder(parse_float=fail, parse_constant=fail).raw_decode(text)
+        if decoded is None:
+            decoded = {}
+        if not isinstance(decoded, dict):
+            raise ValueError("not an object")
+        values: dict[str, Any] = {}
+        for key, value in decoded.items():
+            [name] = [f for f in PROTECTION_FIELDS if f.lower() == key.lower()] or fail()
+            values[name] = value
+        enabled, minutes = values.get("ProtectionEnabled"), values.get("ExpiresInMinutes")
+        if enabled is not None and not isinstance(enabled, bool):
+            fail()
+        if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, int)
+                                    or not -2**63 <= minutes < 2**63):
+            fail()
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise TaskProtectionError(400, "InvalidParameterException",
+                                  "UpdateTaskProtection: failed to decode request") from None
+    return enabled, minutes
+
+
+def expiration_date(expires: float | None) -> str | None:
+    """ECS's expirationDate (milliseconds) as the agent's Go encoder writes a time: RFC 3339 in
+    UTC, trailing zeros of the fraction dropped."""
+    if expires is None:
+        return None
+    milliseconds = round(expires * 1000)
+    moment = datetime.fromtimestamp(milliseconds // 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    fraction = f"{milliseconds % 1000:03d}".rstrip("0")
+    return f"{moment}.{fraction}Z" if fraction else f"{moment}Z"
+
+
+class TaskProtection:
+    """Scale-in protection per task ARN, in memory: until when each protected task is protected.
+
+    Protection ends by itself at its expiration date, and a task whose containers are all
+    gone is forgotten.  Every answer looks at the clock first; while any task is protected a
+    watcher thread does the same every CHECK_SECONDS, so the log says when protection ends
+    even if nobody asks.  live_tasks gives the ARNs of the tasks that still have containers,
+    or None while that is unknown (Docker unreachable): then nothing is forgotten.
+    """
+
+    CHECK_SECONDS = 5.0
+
+    def __init__(self, live_tasks: Callable[[], set[str] | None], clock: Callable[[], float] = time.time):
+        self._live_tasks = live_tasks
+        self._clock = clock
+        self._expires: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._watching = False
+
+    def state(self, task_arn: str) -> dict:
+        """The agent's GET answer for the task."""
+        self.sweep()
+        with self._lock:
+            expires = self._expires.get(task_arn)
+        return self._document(task_arn, expires)
+
+    def update(self, task_arn: str, enabled: bool, minutes: int | None) -> dict:
+        """Turn protection on (for minutes, default 120) or off; the agent's PUT answer."""
+        self.sweep()
+        if not enabled:
+            with self._lock:
+                ended = self._expires.pop(task_arn, None) is not None
+            if ended:
+                log.info("task protection of %s ended: turned off", task_arn)
+            return self._document(task_arn, None)
+        expires = self._clock() + (minutes or PROTECTION_DEFAULT_MINUTES) * 60
+        with self._lock:
+            extended = task_arn in self._expires
+            self._expires[task_arn] = expires
+            watch, self._watching = not self._watching, True
+        log.info("task protection of %s %s until %s", task_arn, "extended" if extended else "started",
+                 expiration_date(expires))
+        if watch:
+            threading.Thread(target=self._watch, name="task-protection", daemon=True).start()
+        return self._document(task_arn, expires)
+
+    def sweep(self) -> None:
+        """End expired protection and forget tasks whose containers are all gone, logging each."""
+        now, live = self._clock(), self._live_tasks()
+        with self._lock:
+            ended = [(arn, "expired") for arn, expires in self._expires.items() if expires <= now]
+            if live is not None:
+                ended += [(arn, "its containers are gone") for arn, expires in self._expires.items()
+                          if expires > now and arn not in live]
+            for arn, _ in ended:
+                del self._expires[arn]
+        for arn, reason in ended:
+            log.info("task protection of %s ended: %s", arn, reason)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.CHECK_SECONDS)
+            try:
+                self.sweep()
+            except Exception:   # never let the watcher die with protection left to end
+                log.exception("task protection check failed")
+            with self._lock:
+                if not self._expires:
+                    self._watching = False
+                    return
+
+    @staticmethod
+    def _document(task_arn: str, expires: float | None) -> dict:
+        return {"protection": {"ExpirationDate": expiration_date(expires), "ProtectionEnabled": expires is not None,
+                               "TaskArn": task_arn}}
+
+
+# ---------------------------------------------------------------------------
+# Background services: fault injection, the agent's network faults at $ECS_AGENT_URI/fault/v1/,
+# made with the agent's own iptables and tc command lines in the task's network namespace (nsenter)
 # ---------------------------------------------------------------------------
 
 FAULT_TYPES = ("network-blackhole-port", "network-latency", "network-packet-loss")
@@ -4444,7 +4208,261 @@ def tc_failure(failure: FaultCommandFailed) -> str | None:
 
 
 # ---------------------------------------------------------------------------
-# The route table and its handlers
+# run: one task's containers, started, watched and stopped as the ECS agent does
+# ---------------------------------------------------------------------------
+
+STATUS_ORDER = ("NONE", "PULLED", "CREATED", "RUNNING", "STOPPED")
+CLONE_NEWNET = 0x40000000
+SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFADDR, SIOCSIFNETMASK = 0x8913, 0x8914, 0x8916, 0x891C
+ENDPOINTS_ALIAS = b"lo:ecs"              # the loopback alias that carries the endpoints' address
+DEPENDENCY_EXIT_CODE = 143               # the agent's exit code for a container whose dependency failed
+LOG_DRAIN_SECONDS = 30                   # how long a stopped container's last output may take to arrive
+
+
+def interface_request(name: bytes, address: str | None = None, flags: int = 0) -> bytes:
+    """struct ifreq: the interface's name, then an IPv4 sockaddr or the flags (40 bytes on Linux)."""
+    if address is not None:
+        return struct.pack("16sHH4s16x", name, socket.AF_INET, 0, socket.inet_aton(address))
+    return struct.pack("16sH22x", name, flags)
+
+
+def add_endpoints_address() -> bool:
+    """169.254.170.2/32 on this thread's network namespace's loopback, as an alias (what
+    `ip address add 169.254.170.2/32 dev lo label lo:ecs` does); False when it was there."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((ENDPOINTS_ADDRESS, 0))
+            return False
+        except OSError as exc:
+            if exc.errno != errno.EADDRNOTAVAIL:
+                raise
+        fcntl.ioctl(probe, SIOCSIFADDR, interface_request(ENDPOINTS_ALIAS, ENDPOINTS_ADDRESS))
+        fcntl.ioctl(probe, SIOCSIFNETMASK, interface_request(ENDPOINTS_ALIAS, "255.255.255.255"))
+        return True
+
+
+def remove_endpoints_address() -> None:
+    """Take the alias down, which removes its address."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        fcntl.ioctl(probe, SIOCSIFFLAGS, interface_request(ENDPOINTS_ALIAS, flags=0))
+
+
+def in_network_namespace(pid: int | None, work: Callable[[], Any]) -> Any:
+    """work() run in the network namespace of process pid (None: this process's), on a thread
+    of its own: setns(2) moves only the calling thread, and that thread then ends."""
+    outcome: dict[str, Any] = {}
+
+    def enter() -> None:
+        try:
+            if pid is not None:
+                with open(f"/proc/{pid}/ns/net", "rb") as namespace:
+                    if ctypes.CDLL(None, use_errno=True).setns(namespace.fileno(), CLONE_NEWNET) != 0:
+                        raise OSError(ctypes.get_errno(), f"setns into the network namespace of pid {pid}: "
+                                                          f"{os.strerror(ctypes.get_errno())}")
+            outcome["value"] = work()
+        except OSError as exc:
+            outcome["error"] = exc
+    thread = threading.Thread(target=enter, name="netns")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def endpoints_socket(port: int) -> tuple[socket.socket, bool]:
+    """A listening socket at 169.254.170.2:port in this thread's namespace, and whether the
+    address was added for it."""
+    added = add_endpoints_address()
+    listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((ENDPOINTS_ADDRESS, port))
+        listening.listen(128)
+    except OSError:
+        listening.close()
+        if added:
+            remove_endpoints_address()
+        raise
+    return listening, added
+
+
+class TaskStopping(Exception):
+    """The task is to stop: reason is ECS's stopped reason, exit_code what `run` exits with."""
+
+    def __init__(self, reason: str, exit_code: int):
+        super().__init__(reason)
+        self.reason = reason
+        self.exit_code = exit_code
+
+
+@dataclass
+class ContainerRun:
+    """One container of the task as it goes: the plan, its Docker ID and latest inspect."""
+    planned: PlannedContainer
+    docker_id: str | None = None
+    inspect: dict | None = None
+    known: str = "NONE"
+    reason: str = ""          # why it stopped without running (a dependency), as the agent says
+
+    @property
+    def exit_code(self) -> int | None:
+        if self.known != "STOPPED":
+            return None
+        return (self.inspect or {}).get("State", {}).get("ExitCode", DEPENDENCY_EXIT_CODE)
+
+    def health(self) -> str:
+        return (((self.inspect or {}).get("State") or {}).get("Health") or {}).get("Status", "")
+
+
+class TaskRun:
+    """The runner's state, in one place: what the runner changes and the endpoints read.
+
+    Every change makes a new Snapshot of the task's containers as they see themselves (a
+    container in a holder's namespace with the holder's addresses and ports), so responses
+    built from one are memoized as for the server's own view.
+    """
+
+    def __init__(self, plan: TaskPlan):
+        self.plan = plan
+        self.containers = {c.docker_name: ContainerRun(c) for c in (*plan.holders, *plan.containers)}
+        self.by_endpoint = {c.endpoint_id: c.docker_name for c in plan.containers}
+        self.desired = "RUNNING"
+        self.stopped_reason = ""
+        self.pull_started: str | None = None
+        self.pull_stopped: str | None = None
+        self.changed = threading.Condition()
+        self.snapshot = Snapshot({}, {})
+
+    def by_name(self, name: str) -> ContainerRun:
+        return next(c for c in self.containers.values() if c.planned.name == name)
+
+    def update(self, docker_name: str, inspect: dict | None = None, known: str | None = None,
+               reason: str = "") -> None:
+        with self.changed:
+            run = self.containers[docker_name]
+            if inspect is not None:
+                run.inspect, run.docker_id = inspect, inspect["Id"]
+                run.known = known_status(inspect.get("State") or {})
+            if known is not None:
+                run.known = known
+            run.reason = reason or run.reason
+            self._snapshot()
+            self.changed.notify_all()
+
+    def stop(self, reason: str) -> None:
+        with self.changed:
+            if self.desired != "STOPPED":
+                self.desired, self.stopped_reason = "STOPPED", reason
+            self._snapshot()
+            self.changed.notify_all()
+
+    def known_status(self) -> str:
+        """The task's: the least advanced of its containers', as the agent works it out."""
+        return min((c.known for c in self.containers.values()), key=STATUS_ORDER.index)
+
+    def _snapshot(self) -> None:
+        seen = {}
+        for run in self.containers.values():
+            if run.inspect is not None:
+                seen[run.docker_id] = self._as_seen(run)
+        self.snapshot = Snapshot(seen, {}, health_transitions(self.snapshot.health, seen))
+
+    def _as_seen(self, run: ContainerRun) -> dict:
+        holder = next((c for c in self.containers.values() if c.planned.docker_name == run.planned.holder), None)
+        if holder is None or holder.inspect is None:
+            return run.inspect
+        return {**run.inspect, "NetworkSettings": holder.inspect.get("NetworkSettings") or {}}
+
+    def visible(self) -> list[ContainerRun]:
+        """The task's containers as its metadata lists them: the awsvpc pause container too for EC2
+        task definitions (the agent lists it), not for Fargate ones (Fargate shows none)."""
+        return [c for c in self.containers.values() if c.inspect is not None and (
+            not c.planned.is_holder or (c.planned.name == PAUSE_NAME and self.plan.identity.launch_type != "FARGATE"))]
+
+    def locate(self, identifier: str | None, namespace: frozenset[str], whole_task: bool = False
+               ) -> tuple[Snapshot, dict]:
+        """The container a request names (its V3EndpointID, or as the server matches names) or,
+        without one, the one container of the namespace the request came from (any of them when
+        the request is about the whole task)."""
+        snapshot = self.snapshot
+        if identifier in self.by_endpoint:
+            found = [self.containers[self.by_endpoint[identifier]]]
+        elif identifier:
+            ids = {c["Id"] for c in match_identifier(snapshot, identifier, None)}
+            found = [c for c in self.visible() if c.docker_id in ids]
+        else:
+            found = [c for c in self.visible() if c.planned.name in namespace]
+        found = [c for c in found if c.docker_id in snapshot.containers][:1 if whole_task else None]
+        if len(found) != 1:
+            raise ApiError(404, "ContainerNotFound" if not found else "AmbiguousContainer",
+                           f"no container of task {self.plan.identity.task_id} matches {identifier!r}" if identifier
+                           else "several containers share this network namespace: name one, as "
+                                "ECS_CONTAINER_METADATA_URI_V4 does")
+        return snapshot, snapshot.containers[found[0].docker_id]
+
+    def planned_for(self, container: dict) -> PlannedContainer:
+        return next(c.planned for c in self.containers.values() if c.docker_id == container["Id"])
+
+
+def run_container_metadata(container: dict, planned: PlannedContainer, desired: str, version: int,
+                           identity: TaskIdentity, health_since: str | None) -> dict:
+    """A container of a task `run` started, as the agent describes it: its task-definition name,
+    the task's desired status, the pause container's type, the log driver the task definition asks for."""
+    doc = container_metadata(container, version, identity, health_since)
+    doc["Name"] = planned.name
+    doc["DesiredStatus"] = desired
+    if planned.is_holder:   # the agent's pause container: steady state RESOURCES_PROVISIONED, no limits
+        doc["Type"] = "CNI_PAUSE"
+        doc["Limits"] = {"CPU": 0, "Memory": 0}
+        if desired == "RUNNING":
+            doc["DesiredStatus"] = "RESOURCES_PROVISIONED"
+        if doc["KnownStatus"] == "RUNNING":
+            doc["KnownStatus"] = "RESOURCES_PROVISIONED"
+    log_configuration = planned.definition.get("logConfiguration") or {}
+    if version >= 4 and log_configuration.get("logDriver"):
+        doc["LogDriver"] = log_configuration["logDriver"]
+        doc.pop("LogOptions", None)
+        if log_configuration.get("options"):
+            doc["LogOptions"] = dict(log_configuration["options"])
+    return doc
+
+
+def run_task_metadata(base: dict, task: TaskRun, version: int, with_tags: bool) -> dict:
+    """The task object of a `run` task: task_metadata's, with what the task definition and the
+    runner know (statuses, limits, pull times, tags, fault injection)."""
+    plan = task.plan
+    doc = {**base, "DesiredStatus": task.desired, "KnownStatus": task.known_status()}
+    limits = {k: v for k, v in (("CPU", task_cpu_vcpu(plan.definition.get("cpu"))),
+                                ("Memory", task_memory_mib(plan.definition.get("memory")))) if v}
+    if limits:
+        doc["Limits"] = limits
+    for key, value in (("PullStartedAt", task.pull_started), ("PullStoppedAt", task.pull_stopped)):
+        if value:
+            doc[key] = value
+    doc.pop("TaskTags", None)
+    doc.pop("ContainerInstanceTags", None)
+    if with_tags and plan.tags:
+        doc["TaskTags"] = dict(plan.tags)
+    if version >= 4:
+        doc["FaultInjectionEnabled"] = bool(plan.definition.get("enableFaultInjection"))
+    return doc
+
+
+def trust_policy_advice(role_arn: str, caller_arn: str | None) -> str:
+    """What to add to a role's trust policy so that the developer's identity may assume it."""
+    statement = {"Effect": "Allow", "Principal": {"AWS": caller_arn or "arn:aws:iam::ACCOUNT:user/YOU"},
+                 "Action": "sts:AssumeRole"}
+    return (f"to run this task locally, let your identity assume {role_arn}: add this statement to the "
+            f"role's trust policy (IAM console, Roles, Trust relationships):\n{json.dumps(statement, indent=2)}")
+
+
+def now_text() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+# ---------------------------------------------------------------------------
+# Handlers, by family: one small method per route
 # ---------------------------------------------------------------------------
 
 class Guard(enum.Enum):
@@ -4839,6 +4857,10 @@ class Endpoints:
         return self.faults.answer(self, request, "status")
 
 
+# ---------------------------------------------------------------------------
+# ROUTES: every route, who may call it, and whether it is audited
+# ---------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class Route:
     method: str
@@ -5002,7 +5024,7 @@ def resolve(method: str, path: str) -> tuple[Route, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------
-# The HTTP handler
+# HTTP: the one dispatch path
 # ---------------------------------------------------------------------------
 
 CLIENT_TIMEOUT = 5.0   # the ECS agent's read and write timeouts
