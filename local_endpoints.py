@@ -24,8 +24,11 @@ ECS or Fargate:
 Reading guide for auditors: every route is in ``ROUTES`` near the end of the
 file, written as a rule such as ``/v{version:3|4}[/{ident:container}]/task``
 (``compile_rule`` says what each part means); each names one small handler
-method of ``Endpoints``.  Every outbound call is a named method of one of two
-classes, and every public method of the two is listed here: ``DockerClient``
+method of a route family (``CredentialRoutes``, ``ImdsRoutes``, ``MetadataRoutes``,
+``AgentApiRoutes``), all built by ``build_endpoints`` from the settings and the two
+outside edges.  Every outbound call is a named method of one of those two
+classes, and every public method of the two is listed here (their protocols,
+``DockerApi`` and ``AwsApi``, list the same): ``DockerClient``
 (the Docker Engine API over its socket: ``version``, ``containers``,
 ``inspect``, ``networks``, ``events``, ``stats`` for the metadata; ``image``,
 ``pull``, ``create``, ``start``, ``stop``, ``remove``, ``create_volume``,
@@ -43,13 +46,13 @@ when the task has one).
 Each row of ``ROUTES`` also says who may call the route (its ``guard``: anyone;
 an allowed network and the authorization token; IMDS's allowed network and
 session token; the credentials id ``run`` gave a task) and whether every answer is recorded
-(``audited``); ``RequestHandler.answer`` applies both to every request, and no
-handler checks a caller itself.  ``CallerPolicy`` decides which networks and
+(``audited``); ``RequestHandler.answer`` applies both to every request (``Access``
+the guard, ``AuditTrail`` the record), and no handler checks a caller itself.  ``CallerPolicy`` decides which networks and
 token are allowed, ``RoleAllowlist`` which roles may be handed out, and
 ``AuditTrail`` writes the records, each before its answer is sent (a log line
 is one write(2), ``LineHandler``).  Every setting is one row of ``SETTINGS``.
 
-Sections, in file order, as data flows: settings; errors and responses; the outside
+Sections, in file order, as data flows: settings; requests, responses and errors; the outside
 edges (DockerClient, AwsIdentity); the Docker view; credentials; access and audit; ECS
 documents (pure); task definitions (pure: run's plan); background services (stats, task
 protection, fault injection); run (one task's containers); handlers, by family; ROUTES;
@@ -93,7 +96,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Protocol
 from urllib.parse import quote, unquote
 
 import boto3
@@ -293,6 +296,8 @@ class Setting:
             return self.parse(self.default)
 
 
+IMDS_DEFAULT_ROLE = "local-endpoints"   # the role name IMDS lists for the credentials of /creds
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("ECS_LOCAL_METADATA_PORT", "port", "80", port_number, "TCP port to listen on",
             flag="--port", origin="original"),
@@ -374,7 +379,8 @@ SETTINGS: tuple[Setting, ...] = (
             "the IMDSv2-compatible credentials routes (/latest/...): ON, OFF, or AUTO: on unless an "
             "authorization token is set (SDKs send IMDS none)"),
     Setting("ECS_LOCAL_IMDS_ROLE", "imds_role", "", role_name_or_arn,
-            "the role whose credentials IMDS hands out, by name or ARN", shown_default="those of /creds"),
+            "the role whose credentials IMDS hands out, by name or ARN",
+            shown_default=f"those of /creds, listed as role {IMDS_DEFAULT_ROLE}"),
     Setting("ECS_LOCAL_IMDS_V1", "imds_v1", "false", boolean,
             "let IMDS callers in without a session token (IMDSv1)"),
     Setting("ECS_LOCAL_STATS", "stats", "eager", choice("EAGER", "ON-DEMAND"),
@@ -480,8 +486,22 @@ def default_config() -> Config:
 
 
 # ---------------------------------------------------------------------------
-# Errors and responses: what every handler returns or raises
+# Requests, responses and errors: what every handler takes, returns or raises
 # ---------------------------------------------------------------------------
+
+@dataclass
+class Request:
+    params: dict[str, Any]      # the route's parameters, typed (version is an int)
+    caller: IPAddress
+    headers: email.message.Message
+    received: float             # time.monotonic() when the request line arrived
+    body: bytes = b""           # only routes with body=True read one
+    namespace: frozenset[str] = frozenset()   # `run`: the containers of the network namespace it came from
+
+    @property
+    def authorization(self) -> str | None:
+        return self.headers.get("Authorization")
+
 
 @dataclass
 class Response:
@@ -519,6 +539,56 @@ class ApiError(Exception):
 # The outside edges: DockerClient (the Docker Engine API) and AwsIdentity (boto3),
 # the only two classes that call out of the process
 # ---------------------------------------------------------------------------
+
+class DockerApi(Protocol):
+    """What the rest of the module may ask of the Docker Engine: DockerClient's methods, the only
+    Docker calls there are; a test may pass build_endpoints() another implementation."""
+    host: str
+    api_version: str | None
+
+    def timeout_error(self) -> ApiError: ...
+    def version(self) -> dict: ...
+    def containers(self) -> list[dict]: ...
+    def inspect(self, container_id: str) -> dict: ...
+    def networks(self) -> list[dict]: ...
+    def events(self, since: int, until: int, read_timeout: float) -> Iterator[dict]: ...
+    def stats(self, container_id: str) -> Iterator[dict]: ...
+    def image(self, reference: str) -> dict: ...
+    def pull(self, reference: str, auth: str | None = None) -> None: ...
+    def create(self, name: str, body: dict) -> str: ...
+    def start(self, container_id: str) -> None: ...
+    def stop(self, container_id: str, timeout: int) -> None: ...
+    def remove(self, container_id: str) -> None: ...
+    def create_volume(self, body: dict) -> None: ...
+    def volume(self, name: str) -> dict: ...
+    def remove_volume(self, name: str) -> None: ...
+    def logs(self, container_id: str, tty: bool, follow: bool = True) -> Iterator[tuple[int, bytes]]: ...
+    def task_events(self, task_arn: str) -> Iterator[dict]: ...
+
+
+class AwsApi(Protocol):
+    """What the rest of the module may ask of AWS: AwsIdentity's methods, the only AWS calls there
+    are; a test may pass build_endpoints() another implementation."""
+    profile: str | None
+    region: str | None
+    mfa: MfaProfile | None
+
+    def resolve_at_startup(self) -> str: ...
+    def mfa_session_ends(self) -> datetime | None: ...
+    def check_mfa_session(self) -> None: ...
+    def source(self) -> str: ...
+    def base(self) -> tuple[Any, datetime | None, str]: ...
+    def get_session_token(self, duration: int) -> dict: ...
+    def get_caller_identity(self) -> dict: ...
+    def get_role(self, name: str) -> dict: ...
+    def assume_role(self, arn: str, session_name: str, duration: int, external_id: str | None = None) -> dict: ...
+    def describe_task_definition(self, name: str) -> dict: ...
+    def get_parameters(self, names: list[str], region: str, credentials: Credentials | None) -> dict: ...
+    def get_secret_value(self, secret_id: str, version_stage: str, version_id: str, region: str,
+                         credentials: Credentials | None) -> dict: ...
+    def get_object(self, bucket: str, key: str, credentials: Credentials | None) -> bytes: ...
+    def get_authorization_token(self, region: str, credentials: Credentials | None) -> dict: ...
+
 
 DOCKER_TIMEOUT = 5.0
 MAX_DOCKER_API = (1, 51)
@@ -1228,7 +1298,7 @@ class ContainerView:
     RESYNC_SECONDS = 60.0
     RETRY_SECONDS = 1.0
 
-    def __init__(self, docker: DockerClient, on_change: Callable[[Snapshot], None] = lambda snapshot: None):
+    def __init__(self, docker: DockerApi, on_change: Callable[[Snapshot], None] = lambda snapshot: None):
         self.docker = docker
         self._on_change = on_change   # told of every new container list, in order (StatsHub.follow)
         self._snapshot = Snapshot({}, {})
@@ -1598,7 +1668,7 @@ class CredentialVendor:
     before any call is made for a role.
     """
 
-    def __init__(self, identity: AwsIdentity, config: Config):
+    def __init__(self, identity: AwsApi, config: Config):
         self.identity = identity
         self.config = config
         self.allowed_roles = config.allowed_roles
@@ -1910,7 +1980,6 @@ class CallerPolicy:
 IMDS_TOKEN_HEADER = "X-aws-ec2-metadata-token"
 IMDS_TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 IMDS_MAX_TTL = 21600
-IMDS_DEFAULT_ROLE = "local-endpoints"
 
 
 class ImdsError(ApiError):
@@ -1968,6 +2037,61 @@ def imds_document(credentials: dict) -> dict:
             "Expiration": credentials["Expiration"]}
 
 
+class Guard(enum.Enum):
+    """Who may call a route: the guard column of ROUTES, applied by Access.admit() from
+    RequestHandler.answer(), the one dispatch path; no handler checks a caller itself."""
+    OPEN = "anyone"
+    TOKEN = "an allowed network (CallerPolicy) and the authorization token when one is set"
+    IMDS_SESSION = ("IMDS on, an allowed network, and a live IMDSv2 session token (none where "
+                    "ECS_LOCAL_IMDS_V1 allows IMDSv1); SDKs send IMDS no Authorization header")
+    IMDS = "IMDS on and an allowed network: the session token request itself"
+    TASK_ID = "the credentials id `run` gave the task's containers (unguessable, as the ECS agent's); no network check"
+
+
+class Access:
+    """The guard column of ROUTES (Guard), applied by RequestHandler.answer(), the one dispatch
+    path, to every request before its handler runs; no handler checks a caller itself."""
+
+    def __init__(self, config: Config, policy: CallerPolicy, imds_tokens: ImdsTokens,
+                 task_credentials_id: str | None):
+        self.config = config
+        self.policy = policy
+        self.imds_tokens = imds_tokens
+        self.task_credentials_id = task_credentials_id   # the id `run` gave its task, else None
+        # IMDS is off by default where a token is required: SDKs send IMDS no Authorization header.
+        self.imds_on = config.imds == "ON" or (config.imds == "AUTO" and not policy.token_required)
+
+    def admit(self, guard: Guard, request: Request) -> None:
+        """Nothing when the guard lets the request through, else the refusal."""
+        if guard is Guard.OPEN:
+            return
+        if guard is Guard.TOKEN:
+            self.policy.check(request.caller, request.authorization)
+            return
+        if guard is Guard.TASK_ID:   # answered as the agent answers other ids
+            if not request.params.get("id"):
+                raise ApiError(400, "NoIdInRequest", "CredentialsV2Request: No Credential ID in the request")
+            if not (self.task_credentials_id and
+                    hmac.compare_digest(request.params["id"], self.task_credentials_id)):
+                raise ApiError(400, "InvalidIdInRequest", "CredentialsV2Request: Credentials not found")
+            return
+        # IMDS answers only when on, to allowed callers, and but for the token request itself
+        # only with a live session token (or none at all where IMDSv1 is allowed).
+        if not self.imds_on:
+            raise ImdsError(404, "NotFound", "the IMDS routes are off: the server has an authorization token, "
+                                             "which SDKs do not send to IMDS; ECS_LOCAL_IMDS=ON turns them on")
+        try:
+            self.policy.check_caller(request.caller)
+        except ApiError as exc:
+            raise ImdsError.of(exc) from None
+        token = request.headers.get(IMDS_TOKEN_HEADER)
+        if guard is Guard.IMDS or (token is None and self.config.imds_v1):
+            return
+        if not (token and self.imds_tokens.valid(token)):
+            raise ImdsError(401, "Unauthorized", f"missing, unknown or expired {IMDS_TOKEN_HEADER}: "
+                                                 "PUT /latest/api/token for a new one")
+
+
 AUDIT_TEXT_LIMIT = 700
 
 
@@ -2013,7 +2137,7 @@ class AuditTrail:
                role: str | None = None) -> None:
         """What a credentials route answered: the credentials issued, or the error.
 
-        role is the role asked for (Endpoints.role_asked), named when the credentials issued
+        role is the role asked for (the route family's role_asked), named when the credentials issued
         do not say whose they are.
 
         On the hot path of every credentials request: one log call, and one write when
@@ -3215,7 +3339,7 @@ class StatsCollector:
     """Reads one container's streaming stats; keeps the latest sample, and the network counters
     of the one before."""
 
-    def __init__(self, docker: DockerClient, container_id: str, on_end: Callable[[StatsCollector], None]):
+    def __init__(self, docker: DockerApi, container_id: str, on_end: Callable[[StatsCollector], None]):
         self.container_id = container_id
         self._docker = docker
         self._on_end = on_end
@@ -3279,7 +3403,7 @@ class StatsHub:
     Either way a request for a container without a collector starts one.
     """
 
-    def __init__(self, docker: DockerClient, eager: bool):
+    def __init__(self, docker: DockerApi, eager: bool):
         self._docker = docker
         self.eager = eager
         self._collectors: dict[str, StatsCollector] = {}
@@ -3983,7 +4107,7 @@ class FaultInjector:
 
     # -- the routes ------------------------------------------------------------
 
-    def answer(self, endpoints: Endpoints, request: Request, operation: str) -> bytes:
+    def answer(self, metadata: MetadataRoutes, request: Request, operation: str) -> bytes:
         fault, ident = request.params["fault"], request.params.get("ident", "")
         request_type = f"{FAULT_OPERATIONS[operation]} {fault}"
         path = f"/api{'/' + ident if ident else ''}/fault/v1/{fault}/{operation}"
@@ -4000,7 +4124,7 @@ class FaultInjector:
                     and fields["Port"] == 80:
                 fields["SourcesToFilter"] = list(dict.fromkeys([*fields.get("SourcesToFilter", []),
                                                                 ENDPOINTS_ADDRESS]))   # the task keeps its endpoints
-            target = self.target(endpoints, request, ident)
+            target = self.target(metadata, request, ident)
             status = self._apply(fault, operation, fields, target, request_type)
         except FaultError as exc:
             if operation != "status":
@@ -4011,19 +4135,19 @@ class FaultInjector:
             self._audit(request, fault, operation, target.arn, fields, status)
         return go_marshal({"Status": status})
 
-    def target(self, endpoints: Endpoints, request: Request, ident: str) -> FaultTarget:
+    def target(self, metadata: MetadataRoutes, request: Request, ident: str) -> FaultTarget:
         """The task the request names (or comes from), checked as the agent checks it: known (404),
         fault injection enabled (400), a network namespace with devices (500), awsvpc or host (400)."""
         try:
-            _, caller, _ = endpoints._locate(request)
+            _, caller, _ = metadata.locate(request)
         except ApiError as exc:
             if exc.status == 404:
                 raise FaultError(404, "unable to get task arn from request: unable to get task Arn from v3 "
                                       f"endpoint ID: {ident}") from None
             raise FaultError(500, f"failed to get task metadata due to internal server error for container: "
                                   f"{ident}") from None
-        arn = endpoints._task_identity(caller).arn
-        run = endpoints.task_run
+        arn = metadata.identity_of(caller).arn
+        run = metadata.task_run
         if run is not None:
             enabled, mode = bool(run.plan.definition.get("enableFaultInjection")), run.plan.network_mode
             if mode == "awsvpc":   # the pause container holds the task's namespace
@@ -4465,31 +4589,6 @@ def now_text() -> str:
 # Handlers, by family: one small method per route
 # ---------------------------------------------------------------------------
 
-class Guard(enum.Enum):
-    """Who may call a route: the guard column of ROUTES, applied by Endpoints.admit() from
-    RequestHandler.answer(), the one dispatch path; no handler checks a caller itself."""
-    OPEN = "anyone"
-    TOKEN = "an allowed network (CallerPolicy) and the authorization token when one is set"
-    IMDS_SESSION = ("IMDS on, an allowed network, and a live IMDSv2 session token (none where "
-                    "ECS_LOCAL_IMDS_V1 allows IMDSv1); SDKs send IMDS no Authorization header")
-    IMDS = "IMDS on and an allowed network: the session token request itself"
-    TASK_ID = "the credentials id `run` gave the task's containers (unguessable, as the ECS agent's); no network check"
-
-
-@dataclass
-class Request:
-    params: dict[str, Any]      # the route's parameters, typed (version is an int)
-    caller: IPAddress
-    headers: email.message.Message
-    received: float             # time.monotonic() when the request line arrived
-    body: bytes = b""           # only routes with body=True read one
-    namespace: frozenset[str] = frozenset()   # `run`: the containers of the network namespace it came from
-
-    @property
-    def authorization(self) -> str | None:
-        return self.headers.get("Authorization")
-
-
 @dataclass(frozen=True)
 class Vended:
     """What an audited route's handler returns: the answer, and the credentials in it for the
@@ -4505,32 +4604,13 @@ def credentials_body(credentials: Credentials) -> bytes:
     return json.dumps(credentials.response()).encode()
 
 
-class Endpoints:
-    """The handlers: one small method per route, each returning a JSON-able body, metadata
-    already encoded as JSON bytes (memoized per Docker snapshot), or a Response."""
+class CredentialRoutes:
+    """/creds, /role/{name}, /role-arn/{arn} and /v2/credentials/{id}: credentials from the vendor,
+    encoded once per set (credentials_body)."""
 
-    def __init__(self, config: Config, task: TaskRun | None = None, identity: AwsIdentity | None = None):
-        self.config = config
-        self.task_run = task   # `run`'s task: the only task these endpoints then serve
-        self.identity = identity or AwsIdentity(config)
-        self.vendor = CredentialVendor(self.identity, config)
-        self.docker = DockerClient(config.docker_host)
-        self.stats = StatsHub(self.docker, eager=config.stats == "EAGER")
-        self.view = ContainerView(self.docker, self.stats.follow)
-        self.policy = CallerPolicy(config, self.view)
-        self.container_override = JsonOverride(config.container_metadata_path)
-        self.task_override = JsonOverride(config.task_metadata_path)
-        self._own_candidates = own_container_candidates(config)
-        self.audit = AuditTrail(config.audit_log, self.view, self._own_candidates,
-                                task.plan.identity.arn if task else None)
-        self.imds_on = config.imds == "ON" or (config.imds == "AUTO" and not self.policy.token_required)
-        self.imds_role_name = (config.imds_role or IMDS_DEFAULT_ROLE).rsplit("/", 1)[-1]
-        self.imds_tokens = ImdsTokens()
-        self._imds_document: tuple[tuple[str, str], bytes] | None = None   # (key, expiry) -> its document
-        self.protection = TaskProtection(self._live_tasks)
-        self.faults = FaultInjector()
-
-    # -- credentials ---------------------------------------------------------
+    def __init__(self, vendor: CredentialVendor, task: TaskRun | None):
+        self.vendor = vendor
+        self.task_run = task   # `run`'s task: its role is /v2/credentials/{id}'s
 
     def creds(self, request: Request) -> bytes:
         return self._vend(self.vendor.own)
@@ -4553,50 +4633,36 @@ class Endpoints:
         issued = issue()
         return Vended(issued, credentials_body(issued.credentials))
 
-    # -- IMDSv2: SDKs' last resort, at AWS_EC2_METADATA_SERVICE_ENDPOINT ------------
+    def role_asked(self, request: Request) -> str | None:
+        """The role an audited request asks for, which its audit record names when no credentials
+        were issued: the route's {name} or {arn}; None for the server's own identity."""
+        return request.params.get("arn") or request.params.get("name")
 
-    def imds_status(self) -> str:
+
+class ImdsRoutes:
+    """IMDSv2 under /latest/, SDKs' last resort at AWS_EC2_METADATA_SERVICE_ENDPOINT: the session
+    token, the credentials of ECS_LOCAL_IMDS_ROLE (else those of /creds) under the one role name
+    IMDS lists, the region and the instance identity document."""
+
+    def __init__(self, config: Config, identity: AwsApi, vendor: CredentialVendor, tokens: ImdsTokens):
+        self.config = config
+        self.identity = identity
+        self.vendor = vendor
+        self.tokens = tokens
+        self.role_name = (config.imds_role or IMDS_DEFAULT_ROLE).rsplit("/", 1)[-1]
+        self._document: tuple[tuple[str, str], bytes] | None = None   # (key, expiry) -> its document
+
+    def status(self, on: bool) -> str:
         """What the start-up log says of the IMDS routes."""
-        if not self.imds_on:
+        if not on:
             return ("IMDS off: an authorization token is set and SDKs send IMDS none; ECS_LOCAL_IMDS=ON "
                     "serves IMDS to the allowed callers without it" if self.config.imds == "AUTO"
                     else "IMDS off (ECS_LOCAL_IMDS=OFF)")
         source = f"role {self.config.imds_role}" if self.config.imds_role else "the credentials of /creds"
         tokens = "IMDSv1 allowed" if self.config.imds_v1 else "IMDSv2 session tokens required"
-        return f"IMDS on at /latest/: {source}, listed as role {self.imds_role_name}; {tokens}"
+        return f"IMDS on at /latest/: {source}, listed as role {self.role_name}; {tokens}"
 
-    def admit(self, guard: Guard, request: Request) -> None:
-        """The route's guard (the ROUTES column), as RequestHandler.answer() applies it to every
-        request before its handler runs: nothing when it passes, else the refusal."""
-        if guard is Guard.OPEN:
-            return
-        if guard is Guard.TOKEN:
-            self.policy.check(request.caller, request.authorization)
-            return
-        if guard is Guard.TASK_ID:   # answered as the agent answers other ids
-            if not request.params.get("id"):
-                raise ApiError(400, "NoIdInRequest", "CredentialsV2Request: No Credential ID in the request")
-            task = self.task_run
-            if task is None or not hmac.compare_digest(request.params["id"], task.plan.credentials_id or ""):
-                raise ApiError(400, "InvalidIdInRequest", "CredentialsV2Request: Credentials not found")
-            return
-        # IMDS answers only when on, to allowed callers, and but for the token request itself
-        # only with a live session token (or none at all where IMDSv1 is allowed).
-        if not self.imds_on:
-            raise ImdsError(404, "NotFound", "the IMDS routes are off: the server has an authorization token, "
-                                             "which SDKs do not send to IMDS; ECS_LOCAL_IMDS=ON turns them on")
-        try:
-            self.policy.check_caller(request.caller)
-        except ApiError as exc:
-            raise ImdsError.of(exc) from None
-        token = request.headers.get(IMDS_TOKEN_HEADER)
-        if guard is Guard.IMDS or (token is None and self.config.imds_v1):
-            return
-        if not (token and self.imds_tokens.valid(token)):
-            raise ImdsError(401, "Unauthorized", f"missing, unknown or expired {IMDS_TOKEN_HEADER}: "
-                                                 "PUT /latest/api/token for a new one")
-
-    def imds_token(self, request: Request) -> Response:
+    def token(self, request: Request) -> Response:
         if "X-Forwarded-For" in request.headers:
             raise ImdsError(403, "Forbidden", "a token request that went through a proxy (X-Forwarded-For) "
                                               "is refused, as on EC2")
@@ -4604,49 +4670,46 @@ class Endpoints:
         if not re.fullmatch(r"[0-9]{1,5}", ttl) or not 1 <= int(ttl) <= IMDS_MAX_TTL:
             raise ImdsError(400, "BadRequest", f"{IMDS_TTL_HEADER} must be a whole number of seconds "
                                                f"from 1 to {IMDS_MAX_TTL}")
-        return text_response(self.imds_tokens.issue(int(ttl)), {IMDS_TTL_HEADER: str(int(ttl))})
+        return text_response(self.tokens.issue(int(ttl)), {IMDS_TTL_HEADER: str(int(ttl))})
 
-    def imds_roles(self, request: Request) -> Response:
-        return text_response(self.imds_role_name)
+    def roles(self, request: Request) -> Response:
+        return text_response(self.role_name)
 
-    def imds_credentials(self, request: Request) -> Vended:
-        if request.params["listed"] != self.imds_role_name:
+    def credentials(self, request: Request) -> Vended:
+        if request.params["listed"] != self.role_name:
             raise ImdsError(404, "NotFound", f"no role {printable(request.params['listed'], 100)!r} here; "
-                                             f"the role is {self.imds_role_name}")
-        vended = self._imds_vend()
+                                             f"the role is {self.role_name}")
+        vended = self._vend()
         credentials = vended.credentials.response()
         issued = (credentials["AccessKeyId"], credentials["Expiration"])
-        known = self._imds_document
+        known = self._document
         if known is None or known[0] != issued:
             # Encoded once per set of credentials: LastUpdated is when IMDS first had them, as on EC2.
-            known = self._imds_document = (issued, json.dumps(imds_document(credentials)).encode())
+            known = self._document = (issued, json.dumps(imds_document(credentials)).encode())
         return Vended(vended, Response(known[1], content_type="text/plain"))
 
     def role_asked(self, request: Request) -> str | None:
-        """The role an audited request asks for, which its audit record names when no credentials
-        were issued: the route's {name} or {arn}; for IMDS, ECS_LOCAL_IMDS_ROLE ({listed} is only
-        the name IMDS lists); None for the server's own identity."""
-        if "listed" in request.params:
-            return self.config.imds_role
-        return request.params.get("arn") or request.params.get("name")
+        """The role an IMDS credentials request asks for: ECS_LOCAL_IMDS_ROLE ({listed} is only the
+        name IMDS lists); None for the credentials of /creds."""
+        return self.config.imds_role
 
-    def imds_placement(self, request: Request) -> Response:
+    def placement(self, request: Request) -> Response:
         region = self.identity.region
         return text_response(region if request.params["item"] == "region" else f"{region}a")
 
-    def imds_identity_document(self, request: Request) -> Response:
+    def identity_document(self, request: Request) -> Response:
         region = self.identity.region
-        document = {"accountId": self._imds_account_id(), "availabilityZone": f"{region}a", "region": region,
+        document = {"accountId": self._account_id(), "availabilityZone": f"{region}a", "region": region,
                     "version": "2017-09-30"}
         return text_response(json.dumps(document, indent=2))
 
-    def imds_not_found(self, request: Request) -> Response:
+    def not_found(self, request: Request) -> Response:
         """Other IMDS paths (such as security-credentials-extended, which newer SDKs try first
         and leave for security-credentials on a 404): EC2's kind of 404, in text."""
         raise ImdsError(404, "NotFound", "this server answers security-credentials, placement/region and "
                                          "placement/availability-zone under /latest/meta-data/")
 
-    def _imds_vend(self) -> Issued:
+    def _vend(self) -> Issued:
         """The credentials IMDS hands out: ECS_LOCAL_IMDS_ROLE's, else those of /creds."""
         role = self.config.imds_role
         try:
@@ -4658,16 +4721,32 @@ class Endpoints:
         except ApiError as exc:
             raise ImdsError.of(exc) from None
 
-    def _imds_account_id(self) -> str:
+    def _account_id(self) -> str:
         """The account of those credentials, as they carry it (Credentials.account_id: the role's,
         or what sts:GetCallerIdentity said of the base identity)."""
-        account = self._imds_vend().credentials.account_id
+        account = self._vend().credentials.account_id
         if not account:
             raise ImdsError(503, "AccountUnknown", "the account of these credentials is unknown: "
                                                    "sts:GetCallerIdentity failed (see the server's log)")
         return account
 
-    # -- health --------------------------------------------------------------
+
+class MetadataRoutes:
+    """Task metadata and stats, v2 to v4, and /health: documents built from the Docker view (or
+    `run`'s task), memoized per snapshot."""
+
+    def __init__(self, config: Config, docker: DockerApi, view: ContainerView, stats: StatsHub,
+                 identity: AwsApi, vendor: CredentialVendor, task: TaskRun | None):
+        self.config = config
+        self.docker = docker
+        self.view = view
+        self.stats = stats
+        self.identity = identity
+        self.vendor = vendor
+        self.task_run = task   # `run`'s task: the only task these endpoints then serve
+        self.container_override = JsonOverride(config.container_metadata_path)
+        self.task_override = JsonOverride(config.task_metadata_path)
+        self.own_candidates = own_container_candidates(config)
 
     def health(self, request: Request) -> dict:
         """Always 200 while serving; says whether Docker and credentials work (no secrets)."""
@@ -4685,14 +4764,12 @@ class Endpoints:
         return {"status": "ok", "version": VERSION, "docker": docker, "credentials": credentials,
                 "statsCollectors": self.stats.active(), "statsReady": self.stats.ready()}
 
-    # -- metadata ------------------------------------------------------------
-
     def _match(self, snapshot: Snapshot, request: Request) -> tuple[list[dict], str | None]:
         """Containers the request names (or whose address it comes from); memoized when found."""
         identifier = request.params.get("ident")
         key = ("match", "ident", identifier) if identifier else ("match", "caller", str(request.caller))
         if key not in snapshot.memo:
-            own = find_own_container(snapshot, self._own_candidates)
+            own = find_own_container(snapshot, self.own_candidates)
             own_id = own["Id"] if own else None
             found = (match_identifier(snapshot, identifier, own_id) if identifier
                      else match_ip(snapshot, request.caller, own))
@@ -4701,7 +4778,7 @@ class Endpoints:
             snapshot.memo[key] = (found, own_id)
         return snapshot.memo[key]
 
-    def _locate(self, request: Request, whole_task: bool = False) -> tuple[Snapshot, dict, str | None]:
+    def locate(self, request: Request, whole_task: bool = False) -> tuple[Snapshot, dict, str | None]:
         """The snapshot, the container a request is about, and the server's own container ID.
 
         A lookup that finds nothing looks again at a fresh snapshot: a container that
@@ -4728,7 +4805,7 @@ class Endpoints:
                            "name one exactly, e.g. /v4/{container name}")
         return snapshot, found[0], own_id
 
-    def _task_identity(self, caller: dict) -> TaskIdentity:
+    def identity_of(self, caller: dict) -> TaskIdentity:
         if self.task_run is not None:
             return self.task_run.plan.identity
         labels = labels_of(caller)
@@ -4754,9 +4831,9 @@ class Endpoints:
 
     def container(self, request: Request) -> bytes:
         version = request.params["version"]
-        snapshot, caller, _ = self._locate(request)
+        snapshot, caller, _ = self.locate(request)
         return self._memoized(snapshot, ("container", version, caller["Id"]), lambda: self._container_doc(
-            snapshot, caller, version, self._task_identity(caller)))
+            snapshot, caller, version, self.identity_of(caller)))
 
     def task(self, request: Request) -> bytes:
         return self._task(request, with_tags=False)
@@ -4766,11 +4843,11 @@ class Endpoints:
 
     def _task(self, request: Request, with_tags: bool) -> bytes:
         version = request.params["version"]
-        snapshot, caller, own_id = self._locate(request, whole_task=True)
+        snapshot, caller, own_id = self.locate(request, whole_task=True)
 
         def build() -> dict:
-            task = self._task_identity(caller)
-            members = self._members(snapshot, caller, own_id)
+            task = self.identity_of(caller)
+            members = self.members(snapshot, caller, own_id)
             containers = [self._container_doc(snapshot, c, version, task) for c in members]
             doc = task_metadata(members, version, task, self.config, with_tags, containers)
             if self.task_run is not None:
@@ -4782,14 +4859,14 @@ class Endpoints:
         minute = int(time.time() // 60) if self.config.launch_type == "FARGATE" and version >= 4 else 0
         return self._memoized(snapshot, ("task", version, caller["Id"], with_tags, minute), build)
 
-    def _members(self, snapshot: Snapshot, caller: dict, own_id: str | None) -> list[dict]:
+    def members(self, snapshot: Snapshot, caller: dict, own_id: str | None) -> list[dict]:
         if self.task_run is not None:
             return [snapshot.containers[c.docker_id] for c in self.task_run.visible()
                     if c.docker_id in snapshot.containers]
         return task_members(snapshot, caller, own_id)
 
     def container_stats(self, request: Request) -> dict:
-        _, caller, _ = self._locate(request)
+        _, caller, _ = self.locate(request)
         if not caller["State"].get("Running"):
             raise ApiError(503, "StatsUnavailable", f"container {container_name(caller)} is not running")
         sample = self.stats.samples([caller["Id"]])[caller["Id"]]
@@ -4801,32 +4878,39 @@ class Endpoints:
     def task_stats(self, request: Request) -> dict:
         """Full Docker ID -> stats for the task's containers; null (v2/v3) or {} (v4) when unavailable."""
         version = request.params["version"]
-        snapshot, caller, own_id = self._locate(request, whole_task=True)
-        members = self._members(snapshot, caller, own_id)
+        snapshot, caller, own_id = self.locate(request, whole_task=True)
+        members = self.members(snapshot, caller, own_id)
         samples = self.stats.samples([c["Id"] for c in members if c["State"].get("Running")])
         empty = {} if version >= 4 else None
         return {c["Id"]: stats_document(samples[c["Id"]], version) if samples.get(c["Id"]) else empty
                 for c in members}
 
-
-    # -- task scale-in protection ($ECS_AGENT_URI/task-protection/v1/state) -----
-
-    def _protected_task(self, request: Request) -> str:
-        """The ARN of the task the request names (or comes from), else the agent's error."""
-        try:
-            _, caller, _ = self._locate(request, whole_task=True)
-        except ApiError as exc:
-            status, code = (404, "ResourceNotFoundException") if exc.status == 404 else (500, "ServerException")
-            raise TaskProtectionError(status, code, f"{TASK_NOT_FOUND}: {exc.message}") from None
-        return self._task_identity(caller).arn
-
-    def _live_tasks(self) -> set[str] | None:
+    def live_tasks(self) -> set[str] | None:
         """ARNs of the tasks that still have containers, stopped or not; None while Docker is unreachable."""
         if self.task_run is not None:
             return {self.task_run.plan.identity.arn}
         if not self.view.reachable:
             return None
-        return {self._task_identity(c).arn for c in self.view.current().containers.values()}
+        return {self.identity_of(c).arn for c in self.view.current().containers.values()}
+
+
+class AgentApiRoutes:
+    """The agent's API at $ECS_AGENT_URI (ECS's /api/{id}): task scale-in protection and fault
+    injection, for the task a request names or comes from (MetadataRoutes.locate)."""
+
+    def __init__(self, metadata: MetadataRoutes, protection: TaskProtection, faults: FaultInjector):
+        self.metadata = metadata
+        self.protection = protection
+        self.faults = faults
+
+    def _protected_task(self, request: Request) -> str:
+        """The ARN of the task the request names (or comes from), else the agent's error."""
+        try:
+            _, caller, _ = self.metadata.locate(request, whole_task=True)
+        except ApiError as exc:
+            status, code = (404, "ResourceNotFoundException") if exc.status == 404 else (500, "ServerException")
+            raise TaskProtectionError(status, code, f"{TASK_NOT_FOUND}: {exc.message}") from None
+        return self.metadata.identity_of(caller).arn
 
     def protection_state(self, request: Request) -> bytes:
         return go_json(self.protection.state(self._protected_task(request)))
@@ -4845,27 +4929,66 @@ class Endpoints:
                                       f"(48 hours); got {minutes}", arn, str(uuid.uuid4()))
         return go_json(self.protection.update(arn, enabled, minutes))
 
-    # -- fault injection ($ECS_AGENT_URI/fault/v1/{fault}/...): FaultInjector --------
-
     def start_fault(self, request: Request) -> bytes:
-        return self.faults.answer(self, request, "start")
+        return self.faults.answer(self.metadata, request, "start")
 
     def stop_fault(self, request: Request) -> bytes:
-        return self.faults.answer(self, request, "stop")
+        return self.faults.answer(self.metadata, request, "stop")
 
     def fault_status(self, request: Request) -> bytes:
-        return self.faults.answer(self, request, "status")
+        return self.faults.answer(self.metadata, request, "status")
 
 
 # ---------------------------------------------------------------------------
 # ROUTES: every route, who may call it, and whether it is audited
 # ---------------------------------------------------------------------------
 
+
+@dataclass
+class Endpoints:
+    """Everything the routes use, built once by build_endpoints(): the route families whose methods
+    ROUTES names, what the one dispatch path applies (access, audit), and the services that main()
+    and `run` start and stop."""
+    config: Config
+    docker: DockerApi
+    identity: AwsApi
+    task_run: TaskRun | None
+    view: ContainerView
+    stats: StatsHub
+    vendor: CredentialVendor
+    access: Access
+    audit: AuditTrail
+    faults: FaultInjector
+    families: dict[str, Any]   # a family's class name (Route.family) -> the instance serving its routes
+
+    def family(self, kind: type) -> Any:
+        return self.families[kind.__name__]
+
+
+def build_endpoints(config: Config, docker: DockerApi, identity: AwsApi, task: TaskRun | None = None) -> Endpoints:
+    """The route families and the services behind them, from the settings and the two outside
+    edges, which a test may replace (DockerApi, AwsApi); task: `run`'s, the only one then served."""
+    vendor = CredentialVendor(identity, config)
+    stats = StatsHub(docker, eager=config.stats == "EAGER")
+    view = ContainerView(docker, stats.follow)
+    imds_tokens = ImdsTokens()
+    access = Access(config, CallerPolicy(config, view), imds_tokens, task.plan.credentials_id if task else None)
+    audit = AuditTrail(config.audit_log, view, own_container_candidates(config),
+                       task.plan.identity.arn if task else None)
+    faults = FaultInjector()
+    metadata = MetadataRoutes(config, docker, view, stats, identity, vendor, task)
+    families = (CredentialRoutes(vendor, task), ImdsRoutes(config, identity, vendor, imds_tokens), metadata,
+                AgentApiRoutes(metadata, TaskProtection(metadata.live_tasks), faults))
+    return Endpoints(config, docker, identity, task, view, stats, vendor, access, audit, faults,
+                     {type(family).__name__: family for family in families})
+
+
 @dataclass(frozen=True)
 class Route:
     method: str
     rule: str
-    handler: Callable[[Endpoints, Request], Any]
+    handler: Callable[[Any, Request], Any]   # a method of a route family: CredentialRoutes.creds
+    family: str                   # its class's name: Endpoints.families has the instance it runs on
     guard: Guard                  # who may call it, checked before the handler runs
     body: bool                    # takes a request body
     audited: bool                 # hands out credentials: AuditTrail records every answer
@@ -4918,51 +5041,52 @@ def compile_rule(rule: str) -> tuple[re.Pattern, dict[str, Callable[[str], Any]]
     return re.compile("".join(pattern), re.DOTALL), converters
 
 
-def route(method: str, rule: str, handler: Callable[[Endpoints, Request], Any], guard: Guard = Guard.OPEN,
+def route(method: str, rule: str, handler: Callable[[Any, Request], Any], guard: Guard = Guard.OPEN,
           body: bool = False, audited: bool = False) -> Route:
-    return Route(method, rule, handler, guard, body, audited, *compile_rule(rule))
+    family = handler.__qualname__.partition(".")[0]
+    return Route(method, rule, handler, family, guard, body, audited, *compile_rule(rule))
 
 
 ROUTES: tuple[Route, ...] = (
-    route("GET", "/creds", Endpoints.creds, guard=Guard.TOKEN, audited=True),
-    route("GET", "/role/{name}", Endpoints.role, guard=Guard.TOKEN, audited=True),
-    route("GET", "/role-arn/{arn:path}", Endpoints.role_arn, guard=Guard.TOKEN, audited=True),
+    route("GET", "/creds", CredentialRoutes.creds, guard=Guard.TOKEN, audited=True),
+    route("GET", "/role/{name}", CredentialRoutes.role, guard=Guard.TOKEN, audited=True),
+    route("GET", "/role-arn/{arn:path}", CredentialRoutes.role_arn, guard=Guard.TOKEN, audited=True),
     # The agent's task role route, for tasks `run` started: the unguessable id is the guard, as on ECS.
-    route("GET", "/v2/credentials[/{id:secret}]", Endpoints.task_credentials, guard=Guard.TASK_ID, audited=True),
-    route("GET", "/health", Endpoints.health),
-    route("GET", "/v{version:2}/metadata", Endpoints.task),
-    route("GET", "/v{version:2}/metadataWithTags", Endpoints.task_with_tags),
-    route("GET", "/v{version:2}/metadata/{ident}", Endpoints.container),
-    route("GET", "/v{version:2}/stats", Endpoints.task_stats),
-    route("GET", "/v{version:2}/stats/{ident}", Endpoints.container_stats),
+    route("GET", "/v2/credentials[/{id:secret}]", CredentialRoutes.task_credentials, guard=Guard.TASK_ID, audited=True),
+    route("GET", "/health", MetadataRoutes.health),
+    route("GET", "/v{version:2}/metadata", MetadataRoutes.task),
+    route("GET", "/v{version:2}/metadataWithTags", MetadataRoutes.task_with_tags),
+    route("GET", "/v{version:2}/metadata/{ident}", MetadataRoutes.container),
+    route("GET", "/v{version:2}/stats", MetadataRoutes.task_stats),
+    route("GET", "/v{version:2}/stats/{ident}", MetadataRoutes.container_stats),
     # v3 and v4: /vN (the caller), /vN/{ident} (ECS's form), /vN/containers/{ident} (the original's).
-    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]", Endpoints.container),
-    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/task", Endpoints.task),
-    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/taskWithTags", Endpoints.task_with_tags),
-    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/stats", Endpoints.container_stats),
-    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/task/stats", Endpoints.task_stats),
+    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]", MetadataRoutes.container),
+    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/task", MetadataRoutes.task),
+    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/taskWithTags", MetadataRoutes.task_with_tags),
+    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/stats", MetadataRoutes.container_stats),
+    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/task/stats", MetadataRoutes.task_stats),
     # IMDSv2, for SDKs' default chain (they send IMDS no Authorization header, hence its own guards).
-    route("PUT", "/latest/api/token", Endpoints.imds_token, guard=Guard.IMDS),
-    route("GET", "/latest/meta-data/iam/security-credentials", Endpoints.imds_roles, guard=Guard.IMDS_SESSION),
-    route("GET", "/latest/meta-data/iam/security-credentials/{listed}", Endpoints.imds_credentials,
+    route("PUT", "/latest/api/token", ImdsRoutes.token, guard=Guard.IMDS),
+    route("GET", "/latest/meta-data/iam/security-credentials", ImdsRoutes.roles, guard=Guard.IMDS_SESSION),
+    route("GET", "/latest/meta-data/iam/security-credentials/{listed}", ImdsRoutes.credentials,
           guard=Guard.IMDS_SESSION, audited=True),
-    route("GET", "/latest/meta-data/placement/{item:region|availability-zone}", Endpoints.imds_placement,
+    route("GET", "/latest/meta-data/placement/{item:region|availability-zone}", ImdsRoutes.placement,
           guard=Guard.IMDS_SESSION),
-    route("GET", "/latest/dynamic/instance-identity/document", Endpoints.imds_identity_document,
+    route("GET", "/latest/dynamic/instance-identity/document", ImdsRoutes.identity_document,
           guard=Guard.IMDS_SESSION),
-    route("GET", "/latest/meta-data/{rest:path}", Endpoints.imds_not_found, guard=Guard.IMDS_SESSION),
+    route("GET", "/latest/meta-data/{rest:path}", ImdsRoutes.not_found, guard=Guard.IMDS_SESSION),
     # Task scale-in protection at $ECS_AGENT_URI, ECS's /api/{id}; without {ident}, the caller's task.
-    route("GET", "/api[/{ident}]/task-protection/v1/state", Endpoints.protection_state),
-    route("PUT", "/api[/{ident}]/task-protection/v1/state", Endpoints.update_protection, guard=Guard.TOKEN,
+    route("GET", "/api[/{ident}]/task-protection/v1/state", AgentApiRoutes.protection_state),
+    route("PUT", "/api[/{ident}]/task-protection/v1/state", AgentApiRoutes.update_protection, guard=Guard.TOKEN,
           body=True),
     # Fault injection at $ECS_AGENT_URI, the agent's nine routes, three faults in each rule (FaultInjector);
     # without {ident}, the caller's task.
     route("POST", "/api[/{ident}]/fault/v1/{fault:network-blackhole-port|network-latency|network-packet-loss}/start",
-          Endpoints.start_fault, guard=Guard.TOKEN, body=True),
+          AgentApiRoutes.start_fault, guard=Guard.TOKEN, body=True),
     route("POST", "/api[/{ident}]/fault/v1/{fault:network-blackhole-port|network-latency|network-packet-loss}/stop",
-          Endpoints.stop_fault, guard=Guard.TOKEN, body=True),
+          AgentApiRoutes.stop_fault, guard=Guard.TOKEN, body=True),
     route("POST", "/api[/{ident}]/fault/v1/{fault:network-blackhole-port|network-latency|network-packet-loss}/status",
-          Endpoints.fault_status, guard=Guard.TOKEN, body=True),
+          AgentApiRoutes.fault_status, guard=Guard.TOKEN, body=True),
 )
 
 
@@ -5122,6 +5246,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             return exc.response(), False   # no route: nothing to guard or audit
         request = Request(params, plain_ip(self.client_address[0]), self.headers, self._started,
                           namespace=self.server.namespace)
+        family = endpoints.families[chosen.family]
         issued = error = None
         try:
             if body_sent:
@@ -5129,8 +5254,8 @@ class RequestHandler(BaseHTTPRequestHandler):
                     raise ApiError(413, "RequestBodyNotAccepted", "this route takes no request body")
                 request.body = self.read_body()
                 self.close_connection = not keep_alive
-            endpoints.admit(chosen.guard, request)
-            result = chosen.handler(endpoints, request)
+            endpoints.access.admit(chosen.guard, request)
+            result = chosen.handler(family, request)
             if isinstance(result, Vended):
                 issued, result = result.issued, result.body
             response = as_response(result)
@@ -5144,7 +5269,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             response = error.response()
         if chosen.audited:
             endpoints.audit.record(request, chosen.loggable(path, request.params), issued, error,
-                                   endpoints.role_asked(request))
+                                   family.role_asked(request))
         return response, chosen.audited
 
     def read_body(self) -> bytes:
@@ -5889,7 +6014,7 @@ def parse_run_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_run(args: argparse.Namespace, config: Config, identity: AwsIdentity) -> TaskPlan:
+def load_run(args: argparse.Namespace, config: Config, identity: AwsApi) -> TaskPlan:
     """The plan for `run`'s arguments; TaskDefinitionError (or OSError, ValueError) for bad input."""
     if os.path.exists(args.taskdef):
         with open(args.taskdef, encoding="utf-8") as file:
@@ -5943,7 +6068,7 @@ def run_main(argv: list[str]) -> int:
         config = load_config(parse_args([]), os.environ)
         identity = AwsIdentity(config)
         plan = load_run(args, config, identity)
-        endpoints = Endpoints(config, TaskRun(plan), identity)
+        endpoints = build_endpoints(config, DockerClient(config.docker_host), identity, TaskRun(plan))
     except (ConfigError, TaskDefinitionError) as exc:
         print(f"local-endpoints run: {exc}", file=sys.stderr)
         return 2
@@ -5972,7 +6097,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.health_check:
             return health_check(args, os.environ)
         config = load_config(args, os.environ)
-        endpoints = Endpoints(config)
+        endpoints = build_endpoints(config, DockerClient(config.docker_host), AwsIdentity(config))
     except ConfigError as exc:
         print(f"local-endpoints: {exc}", file=sys.stderr)
         return 2
@@ -5996,7 +6121,7 @@ def main(argv: list[str] | None = None) -> int:
              "Docker %s", VERSION, config.bind, server.server_port, source, endpoints.identity.region,
              config.sts_endpoint or "default", config.iam_endpoint or "default", config.allowed_roles or "any",
              endpoints.docker.host)
-    log.info("%s", endpoints.imds_status())
+    log.info("%s", endpoints.family(ImdsRoutes).status(endpoints.access.imds_on))
     log.info("%s", endpoints.faults.means_status())
     endpoints.view.start()
 

@@ -165,8 +165,7 @@ def in_process_server(endpoints: le.Endpoints):
 def test_every_answer_is_recorded_before_it_leaves_500_included(tmp_path):
     audit = tmp_path / "audit.jsonl"
     config = replace(le.default_config(), audit_log=str(audit), docker_host="unix:///nonexistent.sock")
-    endpoints = le.Endpoints(config)
-    endpoints.vendor = le.CredentialVendor(IdentityWithoutCallerIdentity(), config)
+    endpoints = le.build_endpoints(config, le.DockerClient(config.docker_host), IdentityWithoutCallerIdentity())
     with in_process_server(endpoints) as url:
         status, _, body = http_request(url, path="/creds")
         # Read as soon as the answer is in: the record was written before it left.
@@ -177,7 +176,7 @@ def test_every_answer_is_recorded_before_it_leaves_500_included(tmp_path):
 
         def broken() -> le.Issued:   # a fault in the server itself: no real component makes one
             raise RuntimeError("a bug")
-        endpoints.vendor.own = broken
+        endpoints.family(le.CredentialRoutes).vendor.own = broken
         status, _, body = http_request(url, path="/creds")
         records = audit_records(audit)
         assert status == 500 and json.loads(body)["code"] == "InternalError"
@@ -217,12 +216,46 @@ def test_log_lines_from_many_threads_arrive_whole_on_a_pipe():
 
 def test_the_auditors_guide_lists_every_public_method_of_the_two_edge_classes():
     """The module docstring names each outbound call; a method added to DockerClient or
-    AwsIdentity must be named there too (and one removed, taken out)."""
-    for cls in (le.DockerClient, le.AwsIdentity):
+    AwsIdentity must be named there too (and one removed, taken out), and in the protocol that
+    the rest of the module sees it through."""
+    for cls, protocol in ((le.DockerClient, le.DockerApi), (le.AwsIdentity, le.AwsApi)):
         listed = re.search(rf"``{cls.__name__}``\s*\(([^()]*)\)", le.__doc__)
         assert listed, cls.__name__
         public = {name for name, value in vars(cls).items() if not name.startswith("_") and callable(value)}
         assert set(re.findall(r"``(\w+)``", listed.group(1))) == public, cls.__name__
+        declared = {name for name, value in vars(protocol).items() if not name.startswith("_") and callable(value)}
+        assert declared == public, cls.__name__
+        for name in public:   # the same signatures
+            assert inspect.signature(getattr(protocol, name)) == inspect.signature(getattr(cls, name)), name
+
+
+def test_the_handlers_are_built_from_edges_a_test_can_replace():
+    """build_endpoints takes the two edges: here stand-ins that record what is asked of them, so
+    the routes serve from them alone (no Docker socket, no AWS)."""
+    asked = []
+
+    class Docker:
+        host, api_version = "unix:///nowhere.sock", "1.43"
+
+        def __getattr__(self, name):
+            asked.append(f"docker:{name}")
+            raise ConnectionError("no Docker here")
+
+    class Aws:
+        profile, region, mfa = None, "eu-west-1", None
+
+        def __getattr__(self, name):
+            asked.append(f"aws:{name}")
+            raise AssertionError(name)
+
+    config = le.default_config()
+    endpoints = le.build_endpoints(config, Docker(), Aws())
+    assert {route.family for route in le.ROUTES} == set(endpoints.families)
+    for route in le.ROUTES:
+        assert getattr(type(endpoints.families[route.family]), route.handler.__name__) is route.handler
+    request = le.Request({"item": "region"}, le.plain_ip("127.0.0.1"), le.email.message.Message(), 0.0)
+    assert endpoints.family(le.ImdsRoutes).placement(request).body == b"eu-west-1"
+    assert asked == []
 
 
 def test_the_audit_lines_fast_path_writes_what_a_log_record_would():

@@ -244,8 +244,8 @@ def test_the_nine_routes_are_guarded_posts_with_a_body():
     assert len(faults) == 3   # one rule per operation, for the three faults
     assert all(r.method == "POST" and r.guard is le.Guard.TOKEN and r.body for r in faults)
     for fault in (BLACKHOLE, LATENCY, LOSS):
-        for operation, handler in (("start", le.Endpoints.start_fault), ("stop", le.Endpoints.stop_fault),
-                                   ("status", le.Endpoints.fault_status)):
+        for operation, handler in (("start", le.AgentApiRoutes.start_fault), ("stop", le.AgentApiRoutes.stop_fault),
+                                   ("status", le.AgentApiRoutes.fault_status)):
             for path in (f"/api/abc/fault/v1/{fault}/{operation}", f"/api/fault/v1/{fault}/{operation}"):
                 chosen, params = le.resolve("POST", path)
                 assert chosen.handler is handler and params["fault"] == fault, path
@@ -446,12 +446,12 @@ def test_the_task_checks_in_the_agents_order():
         def __init__(self, caller, error=None):
             self.caller, self.error, self.task_run = caller, error, None
 
-        def _locate(self, request):
+        def locate(self, request):
             if self.error:
                 raise self.error
             return None, self.caller, None
 
-        def _task_identity(self, caller):
+        def identity_of(self, caller):
             return le.TaskIdentity(cluster="c", arn=ARN, family="f", revision="1", region="us-west-2",
                                    account="111111111111", task_id="0123", launch_type="EC2",
                                    availability_zone="us-west-2a", service_name=None)

@@ -570,25 +570,25 @@ def test_parse_duration_rejects(text):
 
 
 @pytest.mark.parametrize("path,handler,params", [
-    ("/creds", le.Endpoints.creds, {}),
-    ("/role/x", le.Endpoints.role, {"name": "x"}),
-    ("/role-arn/arn:aws:iam::1:role/a/b", le.Endpoints.role_arn, {"arn": "arn:aws:iam::1:role/a/b"}),
-    ("/v4", le.Endpoints.container, {"version": 4}),
-    ("/v4/web", le.Endpoints.container, {"version": 4, "ident": "web"}),
-    ("/v3/containers/web", le.Endpoints.container, {"version": 3, "ident": "web"}),
-    ("/v4/task", le.Endpoints.task, {"version": 4}),
-    ("/v4/web/task", le.Endpoints.task, {"version": 4, "ident": "web"}),
-    ("/v4/containers/web/taskWithTags", le.Endpoints.task_with_tags, {"version": 4, "ident": "web"}),
-    ("/v4/stats", le.Endpoints.container_stats, {"version": 4}),
-    ("/v3/web/stats", le.Endpoints.container_stats, {"version": 3, "ident": "web"}),
-    ("/v4/task/stats", le.Endpoints.task_stats, {"version": 4}),
-    ("/v4/web/task/stats", le.Endpoints.task_stats, {"version": 4, "ident": "web"}),
-    ("/v2/metadata", le.Endpoints.task, {"version": 2}),
-    ("/v2/metadata/abc", le.Endpoints.container, {"version": 2, "ident": "abc"}),
-    ("/v2/metadataWithTags", le.Endpoints.task_with_tags, {"version": 2}),
-    ("/v2/stats", le.Endpoints.task_stats, {"version": 2}),
-    ("/v2/stats/abc", le.Endpoints.container_stats, {"version": 2, "ident": "abc"}),
-    ("/health", le.Endpoints.health, {}),
+    ("/creds", le.CredentialRoutes.creds, {}),
+    ("/role/x", le.CredentialRoutes.role, {"name": "x"}),
+    ("/role-arn/arn:aws:iam::1:role/a/b", le.CredentialRoutes.role_arn, {"arn": "arn:aws:iam::1:role/a/b"}),
+    ("/v4", le.MetadataRoutes.container, {"version": 4}),
+    ("/v4/web", le.MetadataRoutes.container, {"version": 4, "ident": "web"}),
+    ("/v3/containers/web", le.MetadataRoutes.container, {"version": 3, "ident": "web"}),
+    ("/v4/task", le.MetadataRoutes.task, {"version": 4}),
+    ("/v4/web/task", le.MetadataRoutes.task, {"version": 4, "ident": "web"}),
+    ("/v4/containers/web/taskWithTags", le.MetadataRoutes.task_with_tags, {"version": 4, "ident": "web"}),
+    ("/v4/stats", le.MetadataRoutes.container_stats, {"version": 4}),
+    ("/v3/web/stats", le.MetadataRoutes.container_stats, {"version": 3, "ident": "web"}),
+    ("/v4/task/stats", le.MetadataRoutes.task_stats, {"version": 4}),
+    ("/v4/web/task/stats", le.MetadataRoutes.task_stats, {"version": 4, "ident": "web"}),
+    ("/v2/metadata", le.MetadataRoutes.task, {"version": 2}),
+    ("/v2/metadata/abc", le.MetadataRoutes.container, {"version": 2, "ident": "abc"}),
+    ("/v2/metadataWithTags", le.MetadataRoutes.task_with_tags, {"version": 2}),
+    ("/v2/stats", le.MetadataRoutes.task_stats, {"version": 2}),
+    ("/v2/stats/abc", le.MetadataRoutes.container_stats, {"version": 2, "ident": "abc"}),
+    ("/health", le.MetadataRoutes.health, {}),
 ])
 def test_route_table(path, handler, params):
     route, found = le.resolve("GET", path)
@@ -751,7 +751,9 @@ def fake_container(name: str, address: str) -> dict:
 def test_lookup_by_identifier_is_not_confused_with_lookup_by_address():
     """/v4/10.0.0.5 names a container "10.0.0.5", which does not exist, even after the container
     at 10.0.0.5 asked /v4 (the two lookups once shared a memo key)."""
-    endpoints = le.Endpoints(le.default_config())
+    config = le.default_config()
+    endpoints = le.build_endpoints(config, le.DockerClient(config.docker_host), le.AwsIdentity(config))
+    metadata = endpoints.family(le.MetadataRoutes)
     web = fake_container("web", "10.0.0.5")
     snapshot = le.Snapshot({web["Id"]: web}, {})
     endpoints.view._snapshot, endpoints.view._synced = snapshot, True
@@ -759,7 +761,7 @@ def test_lookup_by_identifier_is_not_confused_with_lookup_by_address():
 
     def locate(params: dict) -> dict:
         request = le.Request(params, le.plain_ip("10.0.0.5"), le.email.message.Message(), time.monotonic())
-        return endpoints._locate(request)[1]
+        return metadata.locate(request)[1]
 
     assert locate({"version": 4})["Id"] == web["Id"]
     with pytest.raises(le.ApiError) as missing:

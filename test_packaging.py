@@ -28,8 +28,7 @@ import time
 import tomllib
 
 import local_endpoints
-from testlib import REPO_ROOT, stock_debian_image
-from test_readme_commands import USER_ID, snapshot
+from testlib import REPO_ROOT, USER_ID, snapshot, stock_debian_image
 
 PYPROJECT = REPO_ROOT / "pyproject.toml"
 README = REPO_ROOT / "README.md"

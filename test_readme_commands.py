@@ -16,47 +16,20 @@ the suite's time. Timings on the 2-core machine: the Debian image ~60 s
 
 from __future__ import annotations
 
-import os
 import shlex
-import shutil
-import subprocess
 import time
-from pathlib import Path
 
-from testlib import REPO_ROOT, stock_debian_image
+from testlib import REPO_ROOT, USER_ID, snapshot, stock_debian_image
 
 README = REPO_ROOT / "README.md"
 CI_RUN = REPO_ROOT / ".ci/run"
 SETUP_COMMAND = "python3 -m venv .venv && .venv/bin/pip install -r requirements-dev.txt"
 TEST_COMMAND = ".venv/bin/python -m pytest"
 DEBIAN_IMAGE = "local-endpoints-test/debian12-venv:1"   # bump when the recipe changes
-USER_ID = 1000
-
-
 def test_readme_and_ci_give_the_same_commands():
     readme, ci = README.read_text(), CI_RUN.read_text()
     assert SETUP_COMMAND in readme and TEST_COMMAND in readme
     assert SETUP_COMMAND in ci and TEST_COMMAND in ci
-
-
-def snapshot(dest: Path) -> Path:
-    """A git repository holding the working tree as it is (tracked and new files, not ignored)."""
-    def git(*args, cwd=dest):
-        return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
-
-    files = git("ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=REPO_ROOT).split("\0")
-    dest.mkdir()
-    for name in filter(None, files):
-        source = REPO_ROOT / name
-        if source.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
-    git("init", "-q")
-    git("add", "-A")
-    git("-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-q", "-m", "snapshot")
-    for path in [dest, *dest.rglob("*")]:
-        os.lchown(path, USER_ID, USER_ID)
-    return dest
 
 
 def test_readme_commands_on_stock_debian_12(docker_engine, tmp_path, record_property):

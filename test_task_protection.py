@@ -173,9 +173,10 @@ def test_docker_unreachable_is_the_agents_server_exception(tmp_path):
     """With no Docker Engine behind the socket, the task cannot be looked up: the agent's 500."""
     config = local_endpoints.load_config(local_endpoints.parse_args([]),
                                          {"DOCKER_HOST": f"unix://{tmp_path}/missing.sock"})
-    endpoints = local_endpoints.Endpoints(config)
-    for handler, body in ((endpoints.protection_state, b""),
-                          (endpoints.update_protection, b'{"ProtectionEnabled":true}')):
+    agent_api = local_endpoints.build_endpoints(config, local_endpoints.DockerClient(config.docker_host),
+                                                local_endpoints.AwsIdentity(config)).family(local_endpoints.AgentApiRoutes)
+    for handler, body in ((agent_api.protection_state, b""),
+                          (agent_api.update_protection, b'{"ProtectionEnabled":true}')):
         request = local_endpoints.Request({"ident": "web"}, local_endpoints.plain_ip("127.0.0.1"),
                                           local_endpoints.email.message.Message(), time.monotonic(), body)
         with pytest.raises(local_endpoints.TaskProtectionError) as caught:

@@ -635,6 +635,30 @@ def busybox_image(engine: DockerEngine) -> str:
     return engine.created_image(BUSYBOX_TAG)
 
 
+USER_ID = 1000   # an unprivileged user, as a contributor's shell runs the README's commands
+
+
+def snapshot(dest: Path) -> Path:
+    """A git repository holding the working tree as it is (tracked and new files, not ignored),
+    owned by USER_ID: what a contributor's clone would hold."""
+    def git(*args, cwd=dest):
+        return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+    files = git("ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=REPO_ROOT).split("\0")
+    dest.mkdir()
+    for name in filter(None, files):
+        source = REPO_ROOT / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-q", "-m", "snapshot")
+    for path in [dest, *dest.rglob("*")]:
+        os.lchown(path, USER_ID, USER_ID)
+    return dest
+
+
 def stock_debian_image(engine: DockerEngine, tag: str, packages: list[str], workdir: Path) -> None:
     """A Debian 12 image with nothing but packages, to run the README's commands as a newcomer
     would (kept on the engine once made); ``unavailable`` without root or a local engine socket."""
