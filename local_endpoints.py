@@ -3029,7 +3029,7 @@ def given_environment(container: dict, options: RunOptions) -> dict[str, str]:
 def container_environment(container: dict, identity: TaskIdentity, options: RunOptions, endpoint_id: str,
                           credentials_id: str | None) -> list[str]:
     """The agent's variables, then the given ones; the region variables unless the given ones set
-    either (the runner also leaves them out for an image that sets either: without_agent_region).
+    either (complete_environment also leaves them out for an image that sets either).
     The credentials and endpoint URIs replace given values, as the agent sets them over the task
     definition's environment (task.go initializeCredentialsEndpoint, container.go Inject*)."""
     given = given_environment(container, options)
@@ -3040,14 +3040,6 @@ def container_environment(container: dict, identity: TaskIdentity, options: RunO
     env.update(given)
     env.update({name: value for name, value in agent.items() if name != "AWS_EXECUTION_ENV"})
     return [f"{name}={value}" for name, value in env.items()]
-
-
-def without_agent_region(body: dict, image_env: list[str]) -> dict:
-    """A create body without the region variables the plan added, for an image whose ENV sets
-    either: the agent leaves the image's value in place."""
-    if not any(entry.split("=", 1)[0] in REGION_VARIABLES for entry in image_env):
-        return body
-    return {**body, "Env": [e for e in body["Env"] if e.split("=", 1)[0] not in REGION_VARIABLES]}
 
 
 def seconds_ns(seconds: float) -> int:
@@ -3253,13 +3245,19 @@ def secret_value(secret: dict, reference: SecretReference, where: str) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def complete_environment(body: dict, agent_region: bool, files: list[dict[str, str]], secrets: dict[str, str]
-                         ) -> dict:
+def complete_environment(body: dict, agent_region: bool, files: list[dict[str, str]], secrets: dict[str, str],
+                         image_env: list[str]) -> dict:
     """A create body with what was fetched: secrets over every variable but the agent's endpoint
     URIs, environment files only where nothing else set a variable (the first file first), as the
-    agent merges them (MergeEnvironmentVariables, MergeEnvironmentVariablesFromEnvfiles)."""
+    agent merges them (MergeEnvironmentVariables, MergeEnvironmentVariablesFromEnvfiles).
+
+    agent_region: the plan added AWS_REGION and AWS_DEFAULT_REGION (the task definition sets
+    neither); they are taken out again when a file, a secret or the image's ENV sets either, as
+    the agent leaves those in place.  The one place that decides it after the plan."""
     env = dict(entry.split("=", 1) for entry in body["Env"])
-    if agent_region and REGION_VARIABLES & {name for variables in (*files, secrets) for name in variables}:
+    set_elsewhere = {name for variables in (*files, secrets) for name in variables}
+    set_elsewhere.update(entry.split("=", 1)[0] for entry in image_env)
+    if agent_region and REGION_VARIABLES & set_elsewhere:
         for name in REGION_VARIABLES:
             env.pop(name, None)
     agent = {name: env[name] for name in AGENT_URI_VARIABLES if name in env}
@@ -5818,9 +5816,9 @@ class TaskRunner:
         self.check_stop()
         try:
             files, secrets = self.fetched.get(planned.name, ([], {}))
-            body = complete_environment(planned.body, planned.agent_region, files, secrets)
-            if planned.agent_region and not REGION_VARIABLES & {n for v in (*files, secrets) for n in v}:
-                body = without_agent_region(body, self.docker.image(body["Image"])["Config"].get("Env") or [])
+            image_env = (self.docker.image(planned.body["Image"])["Config"].get("Env") or []) \
+                if planned.agent_region else []
+            body = complete_environment(planned.body, planned.agent_region, files, secrets, image_env)
             self.docker.create(planned.docker_name, body)
             self.refresh(planned.docker_name)
             self.say(f"{planned.name}: created ({planned.docker_name})")

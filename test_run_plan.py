@@ -567,22 +567,6 @@ class TestEnvironment:
         assert env[variable] == expected[variable]
 
 
-class TestWithoutAgentRegion:
-    BODY = {"Image": "i", "Env": ["A=1", "AWS_DEFAULT_REGION=eu-west-1", "AWS_REGION=eu-west-1", "B=2"]}
-
-    @pytest.mark.parametrize("image_env", [["AWS_REGION=us-east-1"], ["PATH=/bin", "AWS_DEFAULT_REGION=x"]])
-    def test_image_with_a_region(self, image_env):
-        assert le.without_agent_region(self.BODY, image_env) == {"Image": "i", "Env": ["A=1", "B=2"]}
-
-    def test_image_without_a_region(self):
-        assert le.without_agent_region(self.BODY, ["PATH=/bin", "AWS_REGIONS=x"]) is self.BODY
-
-    def test_body_not_changed(self):
-        before = copy.deepcopy(self.BODY)
-        le.without_agent_region(self.BODY, ["AWS_REGION=x"])
-        assert self.BODY == before
-
-
 # ---------------------------------------------------------------------------
 # The container's create body
 # ---------------------------------------------------------------------------
@@ -1309,15 +1293,28 @@ class TestEnvironmentFiles:
                         "AWS_DEFAULT_REGION=r"]}
         files = [{"A": "first", "FROM_ENVIRONMENT": "file"}, {"A": "second", "B": "second"}]
         secrets = {"FROM_ENVIRONMENT": "secret", "ECS_AGENT_URI": "mine"}
-        env = dict(e.split("=", 1) for e in le.complete_environment(body, True, files, secrets)["Env"])
+        env = dict(e.split("=", 1) for e in le.complete_environment(body, True, files, secrets, [])["Env"])
         assert env == {"ECS_AGENT_URI": "http://169.254.170.2/api/x", "FROM_ENVIRONMENT": "secret",
                        "AWS_REGION": "r", "AWS_DEFAULT_REGION": "r", "A": "first", "B": "second"}
 
     def test_a_region_from_a_file_replaces_the_agents(self):
         body = {"Env": ["AWS_REGION=us-east-1", "AWS_DEFAULT_REGION=us-east-1"]}
         env = dict(e.split("=", 1) for e in le.complete_environment(body, True, [{"AWS_REGION": "eu-west-1"}],
-                                                                    {})["Env"])
+                                                                    {}, [])["Env"])
         assert env == {"AWS_REGION": "eu-west-1"}
+
+    @pytest.mark.parametrize("image_env", [["AWS_REGION=us-east-1"], ["PATH=/bin", "AWS_DEFAULT_REGION=x"]])
+    def test_an_image_that_sets_a_region_keeps_it(self, image_env):
+        body = {"Image": "i", "Env": ["A=1", "AWS_DEFAULT_REGION=eu-west-1", "AWS_REGION=eu-west-1", "B=2"]}
+        before = copy.deepcopy(body)
+        assert le.complete_environment(body, True, [], {}, image_env) == {"Image": "i", "Env": ["A=1", "B=2"]}
+        assert body == before
+
+    def test_the_region_stays_for_an_image_without_one_and_where_the_task_set_it(self):
+        body = {"Image": "i", "Env": ["AWS_DEFAULT_REGION=eu-west-1", "AWS_REGION=eu-west-1"]}
+        assert le.complete_environment(body, True, [], {}, ["PATH=/bin", "AWS_REGIONS=x"]) == body
+        # agent_region False: the task definition set the variables itself; nothing overrides them
+        assert le.complete_environment(body, False, [{"AWS_REGION": "x"}], {}, ["AWS_REGION=y"]) == body
 
 
 class TestRegistries:
