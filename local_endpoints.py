@@ -1304,6 +1304,7 @@ class ContainerView:
         self._snapshot = Snapshot({}, {})
         self._empty = Snapshot({}, {})   # what current() shows while Docker is unreachable
         self._synced = False
+        self._first_round = threading.Event()   # set once the first sync has ended, well or not
         self._sync_started = 0.0
         self._last_failure: tuple[float, ApiError] | None = None
         self._sync_lock = threading.Lock()
@@ -1316,6 +1317,13 @@ class ContainerView:
     def current(self) -> Snapshot:
         """What is known now, without calling Docker (empty while Docker is unreachable)."""
         return self._snapshot if self._synced else self._empty
+
+    def first_round(self) -> Snapshot:
+        """What is known once the first sync has ended (waiting at most DOCKER_TIMEOUT for it,
+        without calling Docker): a server that has just started, on an engine with many
+        containers, must not judge a caller on the empty view it starts with."""
+        self._first_round.wait(DOCKER_TIMEOUT)
+        return self.current()
 
     def snapshot(self) -> Snapshot:
         """The current view, synchronising first if Docker was unreachable."""
@@ -1357,6 +1365,7 @@ class ContainerView:
             self._last_failure = (time.monotonic(), exc)
             raise
         finally:
+            self._first_round.set()
             self._sync_lock.release()
 
     def _refresh_container(self, container_id: str) -> None:
@@ -1414,11 +1423,13 @@ class ContainerView:
                         self._apply(event)
             except (ApiError, LookupError) as exc:
                 self._synced = False
+                self._first_round.set()   # Docker did not answer: nothing to wait for
                 log.debug("Docker events stream: %s", exc.message if isinstance(exc, ApiError) else exc)
                 time.sleep(self.RETRY_SECONDS)
             except Exception:   # never let the watcher die: metadata would go stale
                 log.exception("Docker events stream failed")
                 self._synced = False
+                self._first_round.set()
                 time.sleep(self.RETRY_SECONDS)
 
 
@@ -1967,8 +1978,11 @@ class CallerPolicy:
         return verdict
 
     def check_caller(self, caller: IPAddress) -> None:
-        """The allowlist alone: IMDS callers send no Authorization header."""
-        if not self.allows(caller):
+        """The allowlist alone: IMDS callers send no Authorization header.  A caller refused
+        before the Docker view's first sync has ended is judged again after it (the bridge
+        subnets come from that view)."""
+        if not self.allows(caller) and not (self._explicit is None and not self._view.reachable and
+                                            self._view.first_round().bridge_subnets and self.allows(caller)):
             raise ApiError(403, "CallerNotAllowed",
                            f"{caller} may not fetch credentials: allowed are loopback, link-local and the "
                            "Docker bridge networks; set ECS_LOCAL_ALLOWED_CALLERS (comma-separated CIDRs) "

@@ -25,8 +25,11 @@ import logging
 import os
 import re
 import threading
+import time
 from dataclasses import replace
 from secrets import token_urlsafe
+
+import pytest
 
 import local_endpoints as le
 from testlib import IdentityWithoutCallerIdentity, aws_env, http_request
@@ -286,3 +289,42 @@ def test_the_audit_lines_fast_path_writes_what_a_log_record_would():
     assert re.fullmatch(stamp + "WARNING le-test-lines.audit: credentials route=/creds outcome=Unauthorized", record_line)
     assert re.sub(stamp, "", fast_line) == re.sub(stamp, "", record_line)
     assert re.match(stamp, fast_line)
+
+
+class SlowDocker:
+    """A Docker stand-in whose container list takes a while, as on an engine with many
+    containers: the first sync of a server that has just started is still under way."""
+    host, api_version = "unix:///stand-in.sock", "1.43"
+
+    def __init__(self, delay: float, reachable: bool = True):
+        self.delay, self.reachable = delay, reachable
+
+    def containers(self) -> list[dict]:
+        time.sleep(self.delay)
+        if not self.reachable:
+            raise le.ApiError(502, "DockerUnavailable", "no engine here")
+        return []
+
+    def networks(self) -> list[dict]:
+        return [{"Id": "n1", "Driver": "bridge", "IPAM": {"Config": [{"Subnet": "172.30.0.0/16"}]}}]
+
+
+def test_a_bridge_caller_is_judged_after_the_views_first_sync_not_on_the_empty_view():
+    view = le.ContainerView(SlowDocker(delay=0.5))
+    policy = le.CallerPolicy(le.default_config(), view)
+    threading.Thread(target=view.sync, daemon=True).start()
+    policy.check_caller(le.plain_ip("172.30.0.5"))   # waits for the sync, then finds its subnet
+    with pytest.raises(le.ApiError) as refused:
+        policy.check_caller(le.plain_ip("10.9.9.9"))
+    assert refused.value.status == 403
+
+
+def test_with_docker_unreachable_a_caller_is_refused_once_the_first_sync_failed():
+    view = le.ContainerView(SlowDocker(delay=0.0, reachable=False))
+    policy = le.CallerPolicy(le.default_config(), view)
+    with pytest.raises(le.ApiError):
+        view.sync()
+    started = time.monotonic()
+    with pytest.raises(le.ApiError) as refused:
+        policy.check_caller(le.plain_ip("172.30.0.5"))
+    assert refused.value.status == 403 and time.monotonic() - started < 1
