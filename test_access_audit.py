@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from dataclasses import replace
@@ -261,6 +262,26 @@ def test_the_handlers_are_built_from_edges_a_test_can_replace():
     assert asked == []
 
 
+def test_lines_of_one_millisecond_keep_their_own_level_and_logger():
+    """LineHandler.write_line reuses a line's head (time, level, logger) within a millisecond:
+    lines of other levels or loggers in that millisecond still get their own."""
+    read_end, write_end = os.pipe()
+    handler = le.LineHandler(write_end)
+    try:
+        for level, name in [(logging.INFO, "a.audit"), (logging.WARNING, "a.audit"), (logging.INFO, "b.audit"),
+                            (logging.INFO, "a.audit")]:
+            handler.write_line(level, name, "same message")
+    finally:
+        os.close(write_end)
+    lines = os.read(read_end, 65536).decode().splitlines()
+    os.close(read_end)
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
+    assert [re.sub(stamp, "", line) for line in lines] == [
+        "INFO a.audit: same message", "WARNING a.audit: same message", "INFO b.audit: same message",
+        "INFO a.audit: same message"]
+    assert all(re.match(stamp, line) for line in lines)
+
+
 def test_the_audit_lines_fast_path_writes_what_a_log_record_would():
     """AuditTrail hands its lines to LineHandler.write_line when that handler alone writes the
     audit logger's records (as main() configures logging): the text must be a record's."""
@@ -328,3 +349,33 @@ def test_with_docker_unreachable_a_caller_is_refused_once_the_first_sync_failed(
     with pytest.raises(le.ApiError) as refused:
         policy.check_caller(le.plain_ip("172.30.0.5"))
     assert refused.value.status == 403 and time.monotonic() - started < 1
+
+
+def test_routes_of_long_request_targets_are_not_remembered():
+    """RequestHandler remembers the route of a target of up to ROUTE_MEMO_TARGET characters
+    only, so the memo stays small whatever clients send."""
+    config = replace(le.default_config(), docker_host="unix:///nonexistent.sock")
+    endpoints = le.build_endpoints(config, le.DockerClient(config.docker_host), le.AwsIdentity(config))
+    with in_process_server(endpoints) as url:
+        le.remembered_route.cache_clear()
+        http_request(url, path="/health?" + "x" * le.ROUTE_MEMO_TARGET)
+        assert le.remembered_route.cache_info().currsize == 0
+        http_request(url, path="/health?x")
+        assert le.remembered_route.cache_info().currsize == 1
+
+
+def test_the_access_line_times_each_request_from_its_own_request_line(caplog):
+    """The handler keeps no state between requests: each access line's time is its own request's,
+    and a request http.server refuses while reading it (a 400) says "-" for a time it never had."""
+    config = replace(le.default_config(), docker_host="unix:///nonexistent.sock")
+    endpoints = le.build_endpoints(config, le.DockerClient(config.docker_host), le.AwsIdentity(config))
+    with caplog.at_level(logging.INFO, logger="local_endpoints"), in_process_server(endpoints) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert conn.recv(65536).startswith(b"HTTP/1.1 200 ")
+            conn.sendall(b"GET /health HTTP/9.9\r\n\r\n")
+            assert conn.recv(65536).startswith(b"HTTP/1.1 505 ")
+    lines = [r.getMessage() for r in caplog.records if r.name == "local_endpoints"]
+    assert any(re.fullmatch(r"GET /health 200 \d+\.\dms 127\.0\.0\.1", line) for line in lines), lines
+    assert any(re.fullmatch(r"- /health 505 - 127\.0\.0\.1", line) for line in lines), lines

@@ -52,3 +52,38 @@ def test_every_route_is_indexed_under_its_first_segments():
             assert route in le.ROUTE_INDEX[segment], route.rule
     assert le.first_segments("/v{version:3|4}[[/containers]/{ident:container}]/task") == ("v3", "v4")
     assert le.first_segments("/{anything}/x") is None
+
+
+@settings(max_examples=2000, deadline=None)
+@given(method=METHODS, segments=st.lists(SEGMENTS, min_size=0, max_size=5), query=st.sampled_from(["", "?a=b"]))
+def test_a_remembered_route_is_what_resolve_finds_for_the_normalized_target(method, segments, query):
+    target = "//" + "/".join(segments) + "/" + query
+    path = le.normalize_path(target)
+    try:
+        expected = le.resolve(method, path)
+    except le.ApiError as exc:
+        for _ in range(2):   # an error is raised again, not remembered
+            try:
+                le.remembered_route(method, target)
+            except le.ApiError as again:
+                assert (again.status, again.message) == (exc.status, exc.message)
+            else:
+                raise AssertionError(f"{method} {target} answered, resolve() raised {exc.status}")
+        return
+    for _ in range(2):
+        chosen, params, normalized, loggable = le.remembered_route(method, target)
+        assert (chosen, dict(params), normalized) == (*expected, path)
+        assert loggable == chosen.loggable(path, expected[1])
+
+
+def test_remembered_parameters_are_read_only_and_secrets_masked():
+    """The memo's parameters are shared by every request for the target: nobody may change them."""
+    chosen, params, path, loggable = le.remembered_route("GET", "/v2/credentials/the-id")
+    assert (dict(params), path, loggable) == ({"id": "the-id"}, "/v2/credentials/the-id", "/v2/credentials/{id}")
+    try:
+        params["id"] = "another"
+    except TypeError:
+        pass
+    else:
+        raise AssertionError("a remembered route's parameters could be changed")
+    assert le.remembered_route("GET", "/v2/credentials/the-id")[1] is params
