@@ -14,6 +14,10 @@ The infrastructure itself (engines, images, moto, the server launcher) lives in
 ``start_server``   (function) launches local_endpoints.py subprocesses.
 ``secrets``        (session)  values that must never appear in server logs.
 
+Every server and `run` process is checked at the end for a refused outbound call (a call its
+route or background job did not declare): the whole suite is a check that the declarations
+are complete.
+
 Docker-backed tests are skipped with a one-line reason (what is missing and how
 to get it) when no engine can be had, except under CI (env ``CI`` set) where
 that is a hard failure: a Docker test silently skipped in CI is a defect, not a
@@ -44,6 +48,7 @@ import testlib
 
 DOCKER_FIXTURES = {"docker_engine", "private_engine", "busybox_image", "containers"}
 DOCKER_SKIPPED = "Docker-backed skipped"   # the summary line's word for them
+REFUSED_CALL = re.compile(r"outbound call \S+ refused: .*")   # local_endpoints.outbound's ERROR line
 
 
 def pytest_configure(config):
@@ -211,16 +216,18 @@ def start_server(tmp_path, secrets, request):
             except subprocess.TimeoutExpired:
                 server.proc.kill()
                 server.proc.wait()
-    leaked = []
+    leaked, refused = [], []
     for i, server in enumerate(started):
         text = server.log()
         request.node.add_report_section("teardown", f"server {i} log (port {server.port})",
                                         secrets.redact(text))
         for kind in secrets.leaks(text):
             leaked.append(f"{kind} in log of server {i} (port {server.port})")
+        refused += REFUSED_CALL.findall(text)
     if leaked:
         pytest.fail("registered secret(s) leaked into server logs: " + "; ".join(leaked),
                     pytrace=False)
+    assert not refused, f"undeclared outbound calls: {refused}"
 
 
 # =============================================================================
@@ -278,6 +285,7 @@ def run_task(docker_engine, busybox_image, pause_image, task_moto, tmp_path, req
         return task
 
     yield start
+    refused = []
     for task in started:
         if task.proc.poll() is None:
             task.proc.send_signal(signal.SIGINT)
@@ -285,9 +293,11 @@ def run_task(docker_engine, busybox_image, pause_image, task_moto, tmp_path, req
                 task.proc.wait(60)
             except subprocess.TimeoutExpired:
                 task.proc.kill()
+        refused += REFUSED_CALL.findall(task.stderr)
         left = task.left_behind()
         for container in left.get("containers", []):
             docker_engine.cli("rm", "-f", "-v", container, check=False)
         for volume in left.get("volumes", []):
             docker_engine.cli("volume", "rm", volume, check=False)
         assert not left, f"the task left {left} behind:\n{task.stderr}"
+    assert not refused, f"undeclared outbound calls: {refused}"

@@ -25,38 +25,58 @@ Reading guide for auditors: every route is in ``ROUTES`` near the end of the
 file, written as a rule such as ``/v{version:3|4}[/{ident:container}]/task``
 (``compile_rule`` says what each part means); each names one small handler
 method of a route family (``CredentialRoutes``, ``ImdsRoutes``, ``MetadataRoutes``,
-``AgentApiRoutes``), all built by ``build_endpoints`` from the settings and the two
-outside edges.  Every outbound call is a named method of one of those two
-classes, and every public method of the two is listed here (their protocols,
-``DockerApi`` and ``AwsApi``, list the same): ``DockerClient``
-(the Docker Engine API over its socket: ``version``, ``containers``,
-``inspect``, ``networks``, ``events``, ``stats`` for the metadata; ``image``,
-``pull``, ``create``, ``start``, ``stop``, ``remove``, ``create_volume``,
-``volume``, ``remove_volume``, ``logs``, ``task_events`` for the task of run;
-``timeout_error`` only makes the error) and ``AwsIdentity``
-(``resolve_at_startup``, ``source``, ``base``: boto3's
-credential chain, which may call out for SSO, assume-role profiles or
-credential_process, and the MFA session opened at start-up;
-``check_mfa_session``, ``mfa_session_ends``: what is known of that session, no
-call; ``get_session_token``, ``get_caller_identity``, ``get_role``,
-``assume_role``: STS and IAM; ``describe_task_definition``, ``get_parameters``,
-``get_secret_value``, ``get_object``, ``get_authorization_token``: ECS, SSM,
-Secrets Manager, S3 and ECR, for run, with the execution role's credentials
-when the task has one).
-Each row of ``ROUTES`` also says who may call the route (its ``guard``: anyone;
+``AgentApiRoutes``), all built by ``build_endpoints`` from the settings and the
+two outside edges.  Every outbound call is a method of one of those two
+classes, marked ``@outbound`` with the call's name, given here in brackets
+after each method; every public method of the two is listed, and their
+protocols (``DockerApi``, ``AwsApi``), through which the rest of the module sees
+them, list the same.  ``DockerClient``
+(the Docker Engine API over its socket; any call may first ask GET /version,
+once, to choose the API version: for the metadata ``containers``
+[``docker:containers``], ``inspect`` [``docker:inspect``], ``networks``
+[``docker:networks``], ``events`` [``docker:events``], ``stats``
+[``docker:stats``]; for the task of run ``image`` [``docker:image``], ``pull``
+[``docker:pull``], ``create`` [``docker:create``], ``start`` [``docker:start``],
+``stop`` [``docker:stop``], ``remove`` [``docker:remove``], ``create_volume``
+[``docker:create_volume``], ``volume`` [``docker:volume``], ``remove_volume``
+[``docker:remove_volume``], ``logs`` [``docker:logs``], ``task_events``
+[``docker:task_events``]; ``timeout_error`` [] only makes the error) and
+``AwsIdentity`` (``resolve_at_startup``, ``source``, ``base``
+[``boto3:credential-chain``]: boto3's credential chain, which may call out for
+SSO, assume-role profiles or credential_process, and which the first call to
+each AWS service goes through too; ``_open_mfa_session``
+[``sts:GetSessionToken``]: the MFA session opened at start-up;
+``check_mfa_session``, ``mfa_session_ends`` []: what is known of that session,
+no call; ``get_session_token`` [``sts:GetSessionToken``],
+``get_caller_identity`` [``sts:GetCallerIdentity``], ``get_role``
+[``iam:GetRole``], ``assume_role`` [``sts:AssumeRole``]; for run,
+``describe_task_definition`` [``ecs:DescribeTaskDefinition``], and with the
+execution role's credentials when the task has one ``get_parameters``
+[``ssm:GetParameters``], ``get_secret_value``
+[``secretsmanager:GetSecretValue``], ``get_object`` [``s3:GetObject``],
+``get_authorization_token`` [``ecr:GetAuthorizationToken``]).
+Each row of ``ROUTES`` says who may call the route (its ``guard``: anyone;
 an allowed network and the authorization token; IMDS's allowed network and
-session token; the credentials id ``run`` gave a task) and whether every answer is recorded
-(``audited``); ``RequestHandler.answer`` applies both to every request (``Access``
-the guard, ``AuditTrail`` the record), and no handler checks a caller itself.  ``CallerPolicy`` decides which networks and
+session token; the credentials id ``run`` gave a task), whether every answer is recorded
+(``audited``), and which outbound calls its answer may make (``calls``, the
+guard's and the audit record's included).  ``RequestHandler.answer`` applies the
+three to every request (``Access`` the guard, ``AuditTrail`` the record), and no
+handler checks a caller itself: it puts the row's calls in force on the request's
+thread, and the two classes refuse any other call before making it (one ERROR
+line; the answer is a 500 ``UndeclaredCall``).  Work off the request path
+declares its own calls where it is started (``job``: start-up, the Docker events
+watcher, the stats collectors, refresh-ahead, ``run`` and its threads); a thread
+that declared nothing may call nothing.  ``CallerPolicy`` decides which networks and
 token are allowed, ``RoleAllowlist`` which roles may be handed out, and
 ``AuditTrail`` writes the records, each before its answer is sent (a log line
 is one write(2), ``LineHandler``).  Every setting is one row of ``SETTINGS``.
 
-Sections, in file order, as data flows: settings; requests, responses and errors; the outside
-edges (DockerClient, AwsIdentity); the Docker view; credentials; access and audit; ECS
-documents (pure); task definitions (pure: run's plan); background services (stats, task
-protection, fault injection); run (one task's containers); handlers, by family; ROUTES;
-HTTP; run (the command); main().
+Sections, in file order, as data flows: settings; requests, responses and errors;
+outbound calls (what routes and jobs declare); the outside edges (DockerClient,
+AwsIdentity); the Docker view; credentials; access and audit; ECS documents (pure);
+task definitions (pure: run's plan); background services (stats, task protection,
+fault injection); run (one task's containers); handlers, by family; ROUTES; HTTP;
+run (the command); main().
 """
 
 from __future__ import annotations
@@ -64,6 +84,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import contextvars
 import copy
 import ctypes
 import email.message
@@ -537,6 +558,81 @@ class ApiError(Exception):
 
 
 # ---------------------------------------------------------------------------
+# Outbound calls: what each route and each background job declares it may make
+# ---------------------------------------------------------------------------
+
+class UndeclaredCall(BaseException):
+    """An outbound call that the declaration in force does not name, refused before it was made.
+
+    Not an Exception: it is a defect of this server, and no handler of the outside's failures
+    (an ``except Exception`` that answers 502 or serves a cached entry instead) may take it for one.
+    """
+
+
+@dataclass(frozen=True)
+class Job:
+    """Background work that calls out, and the calls it may make.  A thread starts with no
+    declaration (each has a context of its own), so every thread that calls out names its job
+    where it is started; a request thread is declared for by the route it answers."""
+    name: str
+    calls: frozenset[str]
+
+    @property
+    def declaration(self) -> str:
+        if not self.name:
+            return "this thread declared no route or job"
+        return declaration(f"the job {self.name!r}", self.calls)
+
+    @contextlib.contextmanager
+    def declared(self) -> Iterator[None]:
+        in_force = DECLARED_CALLS.set(self)
+        try:
+            yield
+        finally:
+            DECLARED_CALLS.reset(in_force)
+
+    def target(self, work: Callable[..., Any]) -> Callable[..., None]:
+        """work as a thread's target, under this declaration."""
+        def run(*args: Any) -> None:
+            with self.declared():
+                work(*args)
+        return run
+
+
+def job(name: str, *calls: str) -> Job:
+    return Job(name, frozenset(calls))
+
+
+def declaration(declarer: str, calls: frozenset[str]) -> str:
+    """What a refusal's log line says was declared."""
+    return f"{declarer} declares {', '.join(sorted(calls)) or 'no call'}"
+
+
+UNDECLARED = job("")
+
+# The route being answered on this thread (RequestHandler.answer sets it) or the job running on it.
+DECLARED_CALLS: contextvars.ContextVar[Route | Job] = contextvars.ContextVar("declared_calls", default=UNDECLARED)
+
+
+def outbound(call: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The mark of each method of DockerClient and AwsIdentity that calls out, naming the call
+    (an IAM action, docker:<method>, or boto3:credential-chain).  The method runs only if the
+    declaration in force names the call: else one ERROR line and UndeclaredCall, and no call.
+    On the hot path: one ContextVar read and one frozenset lookup."""
+    def mark(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            declared = DECLARED_CALLS.get()
+            if call not in declared.calls:
+                log.error("outbound call %s refused: %s", call, declared.declaration)
+                raise UndeclaredCall(f"{call}: {declared.declaration}")
+            return method(*args, **kwargs)
+        checked.outbound = call   # type: ignore[attr-defined]  # read by the tests of the guide and the calls
+        return checked
+    return mark
+
+
+# ---------------------------------------------------------------------------
 # The outside edges: DockerClient (the Docker Engine API) and AwsIdentity (boto3),
 # the only two classes that call out of the process
 # ---------------------------------------------------------------------------
@@ -548,7 +644,6 @@ class DockerApi(Protocol):
     api_version: str | None
 
     def timeout_error(self) -> ApiError: ...
-    def version(self) -> dict: ...
     def containers(self) -> list[dict]: ...
     def inspect(self, container_id: str) -> dict: ...
     def networks(self) -> list[dict]: ...
@@ -652,7 +747,8 @@ def docker_stats(sample: dict) -> dict:
 class DockerClient:
     """The Docker Engine API over its socket: the only class that calls Docker.
 
-    Every call is one of the named methods below, each with a timeout.
+    Every call is one of the named methods below, each with a timeout, and marked @outbound
+    with its name: it is made only where the route or job in force declares it.
     """
 
     def __init__(self, host: str):
@@ -684,15 +780,19 @@ class DockerClient:
 
     # -- the calls -----------------------------------------------------------
 
-    def version(self) -> dict:
-        """GET /version, unversioned, on a connection of its own (no turn to wait for)."""
+    def _version(self) -> dict:
+        """GET /version, unversioned, on a connection of its own (no turn to wait for): how
+        _negotiate() picks the API version, which any call below may begin with, so not a
+        call of its own to declare."""
         with contextlib.closing(self._new_session()) as session:
             return self._call(session, self.base + "/version")
 
+    @outbound("docker:containers")
     def containers(self) -> list[dict]:
         """Summaries of every container, stopped ones included."""
         return self._get("/containers/json", {"all": "1"})
 
+    @outbound("docker:inspect")
     def inspect(self, container_id: str) -> dict:
         """docker inspect of one container; LookupError once it is gone."""
         container = self._get(f"/containers/{quote(container_id, safe='')}/json")
@@ -701,14 +801,17 @@ class DockerClient:
             del state["Health"]   # podman's way of saying that there is no health check
         return container
 
+    @outbound("docker:networks")
     def networks(self) -> list[dict]:
         return self._get("/networks")
 
+    @outbound("docker:events")
     def events(self, since: int, until: int, read_timeout: float) -> Iterator[dict]:
         """Container and network events from since until until (Docker then ends the stream)."""
         return self._stream("/events", {"filters": json.dumps({"type": ["container", "network"]}),
                                         "since": str(since), "until": str(until)}, read_timeout)
 
+    @outbound("docker:stats")
     def stats(self, container_id: str) -> Iterator[dict]:
         """One container's stats, a sample a second, until it stops."""
         path = f"/containers/{quote(container_id, safe='')}/stats"
@@ -720,10 +823,12 @@ class DockerClient:
 
     # -- the calls `run` makes -------------------------------------------------
 
+    @outbound("docker:image")
     def image(self, reference: str) -> dict:
         """docker image inspect; LookupError when the engine does not have it."""
         return self._get(f"/images/{quote(reference, safe='')}/json")
 
+    @outbound("docker:pull")
     def pull(self, reference: str, auth: str | None = None) -> None:
         """docker pull, with a registry's credentials (X-Registry-Auth) when given, waiting for the
         end of Docker's progress stream; a failure is an ApiError with Docker's message (Docker
@@ -735,32 +840,40 @@ class DockerClient:
             if event.get("error"):
                 raise ApiError(502, "CannotPullContainerError", str(event["error"])[:500])
 
+    @outbound("docker:create")
     def create(self, name: str, body: dict) -> str:
         """docker create: the new container's ID."""
         return self._send("POST", "/containers/create", {"name": name}, body)["Id"]
 
+    @outbound("docker:start")
     def start(self, container_id: str) -> None:
         self._send("POST", f"/containers/{quote(container_id, safe='')}/start")
 
+    @outbound("docker:stop")
     def stop(self, container_id: str, timeout: int) -> None:
         """docker stop: the container's stop signal, then SIGKILL after timeout seconds."""
         self._send("POST", f"/containers/{quote(container_id, safe='')}/stop", {"t": str(timeout)},
                    read_timeout=timeout + DOCKER_TIMEOUT)
 
+    @outbound("docker:remove")
     def remove(self, container_id: str) -> None:
         """docker rm -f -v: the container and its anonymous volumes."""
         self._send("DELETE", f"/containers/{quote(container_id, safe='')}", {"force": "1", "v": "1"})
 
+    @outbound("docker:create_volume")
     def create_volume(self, body: dict) -> None:
         self._send("POST", "/volumes/create", body=body)
 
+    @outbound("docker:volume")
     def volume(self, name: str) -> dict:
         """docker volume inspect; LookupError when there is none of that name."""
         return self._get(f"/volumes/{quote(name, safe='')}")
 
+    @outbound("docker:remove_volume")
     def remove_volume(self, name: str) -> None:
         self._send("DELETE", f"/volumes/{quote(name, safe='')}")
 
+    @outbound("docker:logs")
     def logs(self, container_id: str, tty: bool, follow: bool = True) -> Iterator[tuple[int, bytes]]:
         """A container's output from its start, followed until it stops: (1 stdout or 2 stderr, bytes).
 
@@ -799,6 +912,7 @@ class DockerClient:
             response.close()
             session.close()
 
+    @outbound("docker:task_events")
     def task_events(self, task_arn: str) -> Iterator[dict]:
         """Events of the containers of one task (their com.amazonaws.ecs.task-arn label), as they come."""
         return self._stream("/events", {"filters": json.dumps({"type": ["container"],
@@ -834,7 +948,7 @@ class DockerClient:
         return f"{self.base}/v{self.api_version}{path}"
 
     def _negotiate(self) -> None:
-        version = self.version()
+        version = self._version()
         self.api_version = choose_api_version(version)
         self.podman = next((c.get("Version", "?") for c in version.get("Components") or []
                             if c.get("Name") == "Podman Engine"), None)
@@ -1050,7 +1164,8 @@ def aws_error(exc: Exception, action: str, profile: str | None) -> ApiError:
 class AwsIdentity:
     """The developer's identity from boto3's credential chain: the only class that calls AWS.
 
-    Every STS and IAM call is one of the named methods below.  For a profile with
+    Every AWS call is one of the named methods below, marked @outbound with its IAM action:
+    it is made only where the route or job in force declares it.  For a profile with
     mfa_serial (MfaProfile) the identity is instead an MFA session, opened once at
     start-up with a code typed on the terminal; it lasts ECS_LOCAL_MFA_SESSION_DURATION.
     """
@@ -1089,6 +1204,7 @@ class AwsIdentity:
             return getpass.getpass(prompt)
         raise MfaCodeRequired(prompt)
 
+    @outbound("boto3:credential-chain")
     def resolve_at_startup(self) -> str:
         """Resolve credentials once, letting an MFA profile ask its code if a person is there."""
         self._interactive = sys.stdin is not None and sys.stdin.isatty()
@@ -1102,6 +1218,7 @@ class AwsIdentity:
             self._interactive = False
         return source
 
+    @outbound("sts:GetSessionToken")
     def _open_mfa_session(self) -> None:
         """sts:GetSessionToken with the code, on the source profile's own credentials."""
         source = botocore.session.Session(profile=self.mfa.source_profile)
@@ -1147,9 +1264,11 @@ class AwsIdentity:
         if self.mfa_session.seconds_left() <= 0:
             raise MfaSessionEnded(self.mfa_session.expiry_text)
 
+    @outbound("boto3:credential-chain")
     def source(self) -> str:
         return self.base()[2]
 
+    @outbound("boto3:credential-chain")
     def base(self) -> tuple[Any, datetime | None, str]:
         """(frozen credentials, their expiry if the source knows it, source method)."""
         if self.missing_profile:
@@ -1171,42 +1290,51 @@ class AwsIdentity:
 
     # -- the calls -----------------------------------------------------------
 
+    @outbound("sts:GetSessionToken")
     def get_session_token(self, duration: int) -> dict:
         """sts:GetSessionToken: the reply's Credentials."""
         return self._client("sts").get_session_token(DurationSeconds=duration)["Credentials"]
 
+    @outbound("sts:GetCallerIdentity")
     def get_caller_identity(self) -> dict:
         """sts:GetCallerIdentity: Account, Arn, UserId."""
         return self._client("sts").get_caller_identity()
 
+    @outbound("iam:GetRole")
     def get_role(self, name: str) -> dict:
         """iam:GetRole: the reply's Role."""
         return self._client("iam").get_role(RoleName=name)["Role"]
 
+    @outbound("sts:AssumeRole")
     def assume_role(self, arn: str, session_name: str, duration: int, external_id: str | None = None) -> dict:
         """sts:AssumeRole: the reply's Credentials."""
         extra = {"ExternalId": external_id} if external_id else {}
         return self._client("sts").assume_role(RoleArn=arn, RoleSessionName=session_name,
                                                DurationSeconds=duration, **extra)["Credentials"]
 
+    @outbound("ecs:DescribeTaskDefinition")
     def describe_task_definition(self, name: str) -> dict:
         """ecs:DescribeTaskDefinition with its tags: {"taskDefinition": ..., "tags": [...]}."""
         return self._client("ecs").describe_task_definition(taskDefinition=name, include=["TAGS"])
 
+    @outbound("ssm:GetParameters")
     def get_parameters(self, names: list[str], region: str, credentials: Credentials | None) -> dict:
         """ssm:GetParameters, SecureStrings decrypted: the reply's Parameters and InvalidParameters."""
         return self._fetcher("ssm", region, credentials).get_parameters(Names=names, WithDecryption=True)
 
+    @outbound("secretsmanager:GetSecretValue")
     def get_secret_value(self, secret_id: str, version_stage: str, version_id: str, region: str,
                          credentials: Credentials | None) -> dict:
         """secretsmanager:GetSecretValue of one version (the current one when neither is given)."""
         version = {k: v for k, v in (("VersionStage", version_stage), ("VersionId", version_id)) if v}
         return self._fetcher("secretsmanager", region, credentials).get_secret_value(SecretId=secret_id, **version)
 
+    @outbound("s3:GetObject")
     def get_object(self, bucket: str, key: str, credentials: Credentials | None) -> bytes:
         """s3:GetObject: the object's bytes."""
         return self._fetcher("s3", self.region, credentials).get_object(Bucket=bucket, Key=key)["Body"].read()
 
+    @outbound("ecr:GetAuthorizationToken")
     def get_authorization_token(self, region: str, credentials: Credentials | None) -> dict:
         """ecr:GetAuthorizationToken: the reply's first authorizationData (token, proxyEndpoint)."""
         return self._fetcher("ecr", region, credentials).get_authorization_token()["authorizationData"][0]
@@ -1410,7 +1538,8 @@ class ContainerView:
                 self._refresh_networks()
 
     def start(self) -> None:
-        threading.Thread(target=self._watch, name="docker-events", daemon=True).start()
+        threading.Thread(target=job("Docker events", "docker:events", "docker:containers", "docker:inspect",
+                                    "docker:networks").target(self._watch), name="docker-events", daemon=True).start()
 
     def _watch(self) -> None:
         """Follow /events for ever: reconnect when the stream breaks, resync every RESYNC_SECONDS.
@@ -1879,7 +2008,8 @@ class CredentialVendor:
                 pass   # _fetch logged it; the entry is still fresh
             finally:
                 release()
-        threading.Thread(target=refresh, name="refresh-" + key[:40], daemon=True).start()
+        threading.Thread(target=job("refresh-ahead", "sts:GetSessionToken", "sts:AssumeRole").target(refresh),
+                         name="refresh-" + key[:40], daemon=True).start()
 
 
 # ---------------------------------------------------------------------------
@@ -3366,7 +3496,8 @@ class StatsCollector:
         self._done = False
         self._stopping = False
         self._changed = threading.Condition()
-        threading.Thread(target=self._run, name=f"stats-{container_id[:12]}", daemon=True).start()
+        threading.Thread(target=job("stats collector", "docker:stats").target(self._run),
+                         name=f"stats-{container_id[:12]}", daemon=True).start()
 
     def _run(self) -> None:
         try:
@@ -4959,7 +5090,7 @@ class AgentApiRoutes:
 
 
 # ---------------------------------------------------------------------------
-# ROUTES: every route, who may call it, and whether it is audited
+# ROUTES: every route, who may call it, whether it is audited, and what it may call out
 # ---------------------------------------------------------------------------
 
 
@@ -5011,6 +5142,7 @@ class Route:
     guard: Guard                  # who may call it, checked before the handler runs
     body: bool                    # takes a request body
     audited: bool                 # hands out credentials: AuditTrail records every answer
+    calls: frozenset[str]         # the outbound calls its answer may make (guard and audit included)
     pattern: re.Pattern
     converters: dict[str, Callable[[str], Any]]
 
@@ -5020,6 +5152,10 @@ class Route:
             if params.get(name):
                 path = path.replace(params[name], "{" + name + "}")
         return path
+
+    @property
+    def declaration(self) -> str:
+        return declaration(f"the route {self.method} {self.rule}", self.calls)
 
 
 # Words that name a route under /v3 and /v4, so never a container identifier.
@@ -5061,51 +5197,75 @@ def compile_rule(rule: str) -> tuple[re.Pattern, dict[str, Callable[[str], Any]]
 
 
 def route(method: str, rule: str, handler: Callable[[Any, Request], Any], guard: Guard = Guard.OPEN,
-          body: bool = False, audited: bool = False) -> Route:
+          body: bool = False, audited: bool = False, *, calls: tuple[str, ...]) -> Route:
     family = handler.__qualname__.partition(".")[0]
-    return Route(method, rule, handler, family, guard, body, audited, *compile_rule(rule))
+    return Route(method, rule, handler, family, guard, body, audited, frozenset(calls), *compile_rule(rule))
+
+
+# What finding a container in the Docker view may call: ContainerView.sync lists the containers, inspects
+# each and lists the networks, while the view is cold or misses the container asked for.
+DOCKER_VIEW_CALLS = ("docker:containers", "docker:inspect", "docker:networks")
 
 
 ROUTES: tuple[Route, ...] = (
-    route("GET", "/creds", CredentialRoutes.creds, guard=Guard.TOKEN, audited=True),
-    route("GET", "/role/{name}", CredentialRoutes.role, guard=Guard.TOKEN, audited=True),
-    route("GET", "/role-arn/{arn:path}", CredentialRoutes.role_arn, guard=Guard.TOKEN, audited=True),
+    # calls: the outbound calls the answer may make (RequestHandler.answer puts them in force; DockerClient and
+    # AwsIdentity refuse any other). boto3:credential-chain comes with the first AWS call of each service.
+    route("GET", "/creds", CredentialRoutes.creds, guard=Guard.TOKEN, audited=True,
+          calls=("boto3:credential-chain", "sts:GetSessionToken", "sts:GetCallerIdentity", "sts:AssumeRole")),
+    route("GET", "/role/{name}", CredentialRoutes.role, guard=Guard.TOKEN, audited=True,
+          calls=("boto3:credential-chain", "iam:GetRole", "sts:AssumeRole")),
+    route("GET", "/role-arn/{arn:path}", CredentialRoutes.role_arn, guard=Guard.TOKEN, audited=True,
+          calls=("boto3:credential-chain", "sts:AssumeRole")),
     # The agent's task role route, for tasks `run` started: the unguessable id is the guard, as on ECS.
-    route("GET", "/v2/credentials[/{id:secret}]", CredentialRoutes.task_credentials, guard=Guard.TASK_ID, audited=True),
-    route("GET", "/health", MetadataRoutes.health),
-    route("GET", "/v{version:2}/metadata", MetadataRoutes.task),
-    route("GET", "/v{version:2}/metadataWithTags", MetadataRoutes.task_with_tags),
-    route("GET", "/v{version:2}/metadata/{ident}", MetadataRoutes.container),
-    route("GET", "/v{version:2}/stats", MetadataRoutes.task_stats),
-    route("GET", "/v{version:2}/stats/{ident}", MetadataRoutes.container_stats),
+    route("GET", "/v2/credentials[/{id:secret}]", CredentialRoutes.task_credentials, guard=Guard.TASK_ID,
+          audited=True, calls=("boto3:credential-chain", "sts:AssumeRole")),
+    route("GET", "/health", MetadataRoutes.health, calls=("boto3:credential-chain",)),
+    # Metadata: Docker is called only when the view of it is cold or misses the container asked for. The
+    # stats come from collectors, background jobs of their own (docker:stats).
+    route("GET", "/v{version:2}/metadata", MetadataRoutes.task, calls=DOCKER_VIEW_CALLS),
+    route("GET", "/v{version:2}/metadataWithTags", MetadataRoutes.task_with_tags, calls=DOCKER_VIEW_CALLS),
+    route("GET", "/v{version:2}/metadata/{ident}", MetadataRoutes.container, calls=DOCKER_VIEW_CALLS),
+    route("GET", "/v{version:2}/stats", MetadataRoutes.task_stats, calls=DOCKER_VIEW_CALLS),
+    route("GET", "/v{version:2}/stats/{ident}", MetadataRoutes.container_stats, calls=DOCKER_VIEW_CALLS),
     # v3 and v4: /vN (the caller), /vN/{ident} (ECS's form), /vN/containers/{ident} (the original's).
-    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]", MetadataRoutes.container),
-    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/task", MetadataRoutes.task),
-    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/taskWithTags", MetadataRoutes.task_with_tags),
-    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/stats", MetadataRoutes.container_stats),
-    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/task/stats", MetadataRoutes.task_stats),
+    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]", MetadataRoutes.container,
+          calls=DOCKER_VIEW_CALLS),
+    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/task", MetadataRoutes.task,
+          calls=DOCKER_VIEW_CALLS),
+    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/taskWithTags", MetadataRoutes.task_with_tags,
+          calls=DOCKER_VIEW_CALLS),
+    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/stats", MetadataRoutes.container_stats,
+          calls=DOCKER_VIEW_CALLS),
+    route("GET", "/v{version:3|4}[[/containers]/{ident:container}]/task/stats", MetadataRoutes.task_stats,
+          calls=DOCKER_VIEW_CALLS),
     # IMDSv2, for SDKs' default chain (they send IMDS no Authorization header, hence its own guards).
-    route("PUT", "/latest/api/token", ImdsRoutes.token, guard=Guard.IMDS),
-    route("GET", "/latest/meta-data/iam/security-credentials", ImdsRoutes.roles, guard=Guard.IMDS_SESSION),
+    route("PUT", "/latest/api/token", ImdsRoutes.token, guard=Guard.IMDS, calls=()),
+    route("GET", "/latest/meta-data/iam/security-credentials", ImdsRoutes.roles, guard=Guard.IMDS_SESSION,
+          calls=()),
     route("GET", "/latest/meta-data/iam/security-credentials/{listed}", ImdsRoutes.credentials,
-          guard=Guard.IMDS_SESSION, audited=True),
+          guard=Guard.IMDS_SESSION, audited=True,
+          calls=("boto3:credential-chain", "sts:GetSessionToken", "sts:GetCallerIdentity", "sts:AssumeRole",
+                 "iam:GetRole")),
     route("GET", "/latest/meta-data/placement/{item:region|availability-zone}", ImdsRoutes.placement,
-          guard=Guard.IMDS_SESSION),
+          guard=Guard.IMDS_SESSION, calls=()),
     route("GET", "/latest/dynamic/instance-identity/document", ImdsRoutes.identity_document,
-          guard=Guard.IMDS_SESSION),
-    route("GET", "/latest/meta-data/{rest:path}", ImdsRoutes.not_found, guard=Guard.IMDS_SESSION),
+          guard=Guard.IMDS_SESSION,
+          calls=("boto3:credential-chain", "sts:GetSessionToken", "sts:GetCallerIdentity", "sts:AssumeRole",
+                 "iam:GetRole")),
+    route("GET", "/latest/meta-data/{rest:path}", ImdsRoutes.not_found, guard=Guard.IMDS_SESSION, calls=()),
     # Task scale-in protection at $ECS_AGENT_URI, ECS's /api/{id}; without {ident}, the caller's task.
-    route("GET", "/api[/{ident}]/task-protection/v1/state", AgentApiRoutes.protection_state),
+    route("GET", "/api[/{ident}]/task-protection/v1/state", AgentApiRoutes.protection_state,
+          calls=DOCKER_VIEW_CALLS),
     route("PUT", "/api[/{ident}]/task-protection/v1/state", AgentApiRoutes.update_protection, guard=Guard.TOKEN,
-          body=True),
+          body=True, calls=DOCKER_VIEW_CALLS),
     # Fault injection at $ECS_AGENT_URI, the agent's nine routes, three faults in each rule (FaultInjector);
     # without {ident}, the caller's task.
     route("POST", "/api[/{ident}]/fault/v1/{fault:network-blackhole-port|network-latency|network-packet-loss}/start",
-          AgentApiRoutes.start_fault, guard=Guard.TOKEN, body=True),
+          AgentApiRoutes.start_fault, guard=Guard.TOKEN, body=True, calls=DOCKER_VIEW_CALLS),
     route("POST", "/api[/{ident}]/fault/v1/{fault:network-blackhole-port|network-latency|network-packet-loss}/stop",
-          AgentApiRoutes.stop_fault, guard=Guard.TOKEN, body=True),
+          AgentApiRoutes.stop_fault, guard=Guard.TOKEN, body=True, calls=DOCKER_VIEW_CALLS),
     route("POST", "/api[/{ident}]/fault/v1/{fault:network-blackhole-port|network-latency|network-packet-loss}/status",
-          AgentApiRoutes.fault_status, guard=Guard.TOKEN, body=True),
+          AgentApiRoutes.fault_status, guard=Guard.TOKEN, body=True, calls=DOCKER_VIEW_CALLS),
 )
 
 
@@ -5268,9 +5428,10 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def answer(self, started: float) -> tuple[Response, bool]:
         """The route's answer to this request, errors included, and whether the audit trail
-        recorded it.  This is where the guard and audit columns of ROUTES are applied, for
-        every route and method: the guard before the handler runs, the audit record (of every
-        answer of an audited route, whatever its status) before the answer is written."""
+        recorded it.  This is where the guard, audit and calls columns of ROUTES are applied, for
+        every route and method: the guard before the handler runs, the calls in force while the
+        route is answered, the audit record (of every answer of an audited route, whatever its
+        status) before the answer is written."""
         endpoints = self.server.endpoints
         body_sent = self.headers.get("Content-Length", "0").strip() not in ("", "0") or \
             self.headers.get("Transfer-Encoding") is not None   # `in` would make a list of every name
@@ -5285,29 +5446,37 @@ class RequestHandler(BaseHTTPRequestHandler):
         request = Request(params, plain_ip(self.client_address[0]), self.headers, started,
                           namespace=self.server.namespace)
         family = endpoints.families[chosen.family]
-        issued = error = None
+        in_force = DECLARED_CALLS.set(chosen)   # the route's calls column, until its answer is recorded
         try:
-            if body_sent:
-                if not chosen.body:
-                    raise ApiError(413, "RequestBodyNotAccepted", "this route takes no request body")
-                request.body = self.read_body()
-                self.close_connection = not keep_alive
-            endpoints.access.admit(chosen.guard, request)
-            result = chosen.handler(family, request)
-            if isinstance(result, Vended):
-                issued, result = result.issued, result.body
-            response = as_response(result)
-        except ApiError as exc:
-            error, response = exc, exc.response()
-        except (ConnectionError, TimeoutError):
-            raise   # the client went away (a body cut short): no answer leaves, so none is recorded
-        except Exception:
-            log.exception("error in %s %s", self.command, printable(path, 200))
-            error = ApiError(500, "InternalError", "internal error in local-endpoints; see its log")
-            response = error.response()
-        if chosen.audited:
-            endpoints.audit.record(request, loggable, issued, error, family.role_asked(request))
-        return response, chosen.audited
+            issued = error = None
+            try:
+                if body_sent:
+                    if not chosen.body:
+                        raise ApiError(413, "RequestBodyNotAccepted", "this route takes no request body")
+                    request.body = self.read_body()
+                    self.close_connection = not keep_alive
+                endpoints.access.admit(chosen.guard, request)
+                result = chosen.handler(family, request)
+                if isinstance(result, Vended):
+                    issued, result = result.issued, result.body
+                response = as_response(result)
+            except ApiError as exc:
+                error, response = exc, exc.response()
+            except (ConnectionError, TimeoutError):
+                raise   # the client went away (a body cut short): no answer leaves, so none is recorded
+            except UndeclaredCall:   # the refusal logged its one line: no traceback
+                error = ApiError(500, "UndeclaredCall", "an outbound call this route does not declare was refused; "
+                                                        "see the server's log")
+                response = error.response()
+            except Exception:
+                log.exception("error in %s %s", self.command, printable(path, 200))
+                error = ApiError(500, "InternalError", "internal error in local-endpoints; see its log")
+                response = error.response()
+            if chosen.audited:
+                endpoints.audit.record(request, loggable, issued, error, family.role_asked(request))
+            return response, chosen.audited
+        finally:
+            DECLARED_CALLS.reset(in_force)
 
     def read_body(self) -> bytes:
         """A request body of at most MAX_BODY bytes, which must arrive within CLIENT_TIMEOUT."""
@@ -5475,8 +5644,11 @@ def dependency_verdict(condition: str, dependency: ContainerRun, now: datetime) 
 
 
 def in_parallel(work: Callable[[Any], Any], items: list) -> None:
-    """work(item) for every item, each on a thread of its own; back when all are done."""
-    threads = [threading.Thread(target=work, args=(item,)) for item in items]
+    """work(item) for every item, each on a thread of its own; back when all are done.
+
+    Each thread does part of its caller's job: it runs in a copy of the caller's context, so
+    under the caller's declaration of outbound calls."""
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(work, item)) for item in items]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -5577,8 +5749,9 @@ class TaskRunner:
             self.check_role()
             self.check_execution_role()
             self.fetch_references()
-            threading.Thread(target=self.follow_events, args=(self.docker.task_events(self.plan.identity.arn),),
-                             name="task-events", daemon=True).start()
+            threading.Thread(target=job("task events", "docker:inspect").target(self.follow_events),
+                             args=(self.docker.task_events(self.plan.identity.arn),), name="task-events",
+                             daemon=True).start()
             self.pull_images()
             self.create_volumes()
             self.start_holders()
@@ -5876,8 +6049,9 @@ class TaskRunner:
         self.refresh(planned.docker_name)
         self.say(f"{planned.name}: started")
         run = self.task.containers[planned.docker_name]
-        relay = threading.Thread(target=self.relay, args=(planned.name, run, bool(planned.body.get("Tty"))),
-                                 name=f"logs-{planned.name}", daemon=True)
+        relay = threading.Thread(target=job("container output", "docker:logs").target(self.relay),
+                                 args=(planned.name, run, bool(planned.body.get("Tty"))), name=f"logs-{planned.name}",
+                                 daemon=True)
         relay.start()
         self.log_threads.append(relay)
 
@@ -6135,7 +6309,12 @@ def run_main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["run"]:
-        return run_main(argv[1:])
+        with job("run", "ecs:DescribeTaskDefinition", "boto3:credential-chain", "sts:AssumeRole",
+                 "sts:GetCallerIdentity", "s3:GetObject", "ssm:GetParameters", "secretsmanager:GetSecretValue",
+                 "ecr:GetAuthorizationToken", "docker:task_events", "docker:image", "docker:pull",
+                 "docker:create_volume", "docker:volume", "docker:create", "docker:start", "docker:inspect",
+                 "docker:stop", "docker:remove", "docker:remove_volume").declared():
+            return run_main(argv[1:])
     args = parse_args(argv)
     if args.generate_token:
         print(secrets.token_urlsafe(32))
@@ -6161,7 +6340,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
 
-    source = endpoints.identity.resolve_at_startup()
+    # sts:GetSessionToken: an MFA profile's session, opened with the code typed at the terminal.
+    with job("start-up", "boto3:credential-chain", "sts:GetSessionToken").declared():
+        source = endpoints.identity.resolve_at_startup()
     ends = endpoints.identity.mfa_session_ends()
     if ends is not None:
         source += f" until {ends.astimezone(timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}"

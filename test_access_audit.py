@@ -17,7 +17,6 @@ that fails while GetSessionToken works, and a handler that breaks (a 500).
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import inspect
 import json
@@ -33,7 +32,7 @@ from secrets import token_urlsafe
 import pytest
 
 import local_endpoints as le
-from testlib import IdentityWithoutCallerIdentity, aws_env, http_request
+from testlib import IdentityWithoutCallerIdentity, aws_env, http_request, in_process_server
 
 OUTSIDER = "127.0.0.2"   # a loopback source address outside ECS_LOCAL_ALLOWED_CALLERS below
 
@@ -154,18 +153,6 @@ def test_temporary_base_credentials_are_recorded_as_passed_through(start_server,
                      r"source=passthrough outcome=served status=200", server.log()), server.log()
 
 
-@contextlib.contextmanager
-def in_process_server(endpoints: le.Endpoints):
-    server = le.EndpointsServer(("127.0.0.1", 0), endpoints, 8)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_every_answer_is_recorded_before_it_leaves_500_included(tmp_path):
     audit = tmp_path / "audit.jsonl"
     config = replace(le.default_config(), audit_log=str(audit), docker_host="unix:///nonexistent.sock")
@@ -218,18 +205,27 @@ def test_log_lines_from_many_threads_arrive_whole_on_a_pipe():
     assert sorted(written) == sorted(f"local_endpoints.test-lines: {line}" for line in lines)
 
 
-def test_the_auditors_guide_lists_every_public_method_of_the_two_edge_classes():
-    """The module docstring names each outbound call; a method added to DockerClient or
-    AwsIdentity must be named there too (and one removed, taken out), and in the protocol that
-    the rest of the module sees it through."""
+def test_the_auditors_guide_lists_every_public_method_of_the_two_edge_classes_with_its_call():
+    """The module docstring names each public method of DockerClient and AwsIdentity, and each
+    method marked @outbound, with the call it declares in brackets after it ([] for none): a
+    method added, removed or declared otherwise must be named so there too, and its protocol
+    (what the rest of the module sees) must have the same public methods and signatures."""
     for cls, protocol in ((le.DockerClient, le.DockerApi), (le.AwsIdentity, le.AwsApi)):
         listed = re.search(rf"``{cls.__name__}``\s*\(([^()]*)\)", le.__doc__)
         assert listed, cls.__name__
+        in_guide = {}
+        for methods, calls in re.findall(r"((?:``\w+``(?:,\s*)?)+)\s*\[([^\]]*)\]", listed.group(1)):
+            for method in re.findall(r"``(\w+)``", methods):
+                in_guide[method] = set(re.findall(r"``([\w:-]+)``", calls))
+        assert set(in_guide) == set(re.findall(r"``(\w+)``", listed.group(1))), f"{cls.__name__}: a method without []"
+        in_code = {name: {getattr(value, "outbound")} if hasattr(value, "outbound") else set()
+                   for name, value in vars(cls).items()
+                   if callable(value) and (not name.startswith("_") or hasattr(value, "outbound"))}
+        assert in_guide == in_code, cls.__name__
         public = {name for name, value in vars(cls).items() if not name.startswith("_") and callable(value)}
-        assert set(re.findall(r"``(\w+)``", listed.group(1))) == public, cls.__name__
         declared = {name for name, value in vars(protocol).items() if not name.startswith("_") and callable(value)}
         assert declared == public, cls.__name__
-        for name in public:   # the same signatures
+        for name in public:
             assert inspect.signature(getattr(protocol, name)) == inspect.signature(getattr(cls, name)), name
 
 

@@ -20,14 +20,13 @@ import secrets as token_source
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
 import local_endpoints
-from testlib import Containers, nsenter_net, wait_for
+from testlib import Containers, http_request, in_process_server, nsenter_net, wait_for
 
 COMPOSE_PROJECT = "com.docker.compose.project"
 COMPOSE_SERVICE = "com.docker.compose.service"
@@ -173,18 +172,14 @@ def test_docker_unreachable_is_the_agents_server_exception(tmp_path):
     """With no Docker Engine behind the socket, the task cannot be looked up: the agent's 500."""
     config = local_endpoints.load_config(local_endpoints.parse_args([]),
                                          {"DOCKER_HOST": f"unix://{tmp_path}/missing.sock"})
-    agent_api = local_endpoints.build_endpoints(config, local_endpoints.DockerClient(config.docker_host),
-                                                local_endpoints.AwsIdentity(config)).family(local_endpoints.AgentApiRoutes)
-    for handler, body in ((agent_api.protection_state, b""),
-                          (agent_api.update_protection, b'{"ProtectionEnabled":true}')):
-        request = local_endpoints.Request({"ident": "web"}, local_endpoints.plain_ip("127.0.0.1"),
-                                          local_endpoints.email.message.Message(), time.monotonic(), body)
-        with pytest.raises(local_endpoints.TaskProtectionError) as caught:
-            handler(request)
-        response = caught.value.response()
-        assert response.status == 500
-        assert response.body.startswith(b'{"error":{"Code":"ServerException","Message":'
-                                        b'"Failed to find a task for the request: ')
+    endpoints = local_endpoints.build_endpoints(config, local_endpoints.DockerClient(config.docker_host),
+                                                local_endpoints.AwsIdentity(config))
+    with in_process_server(endpoints) as url:   # the routes' calls in force
+        for method, body in (("GET", None), ("PUT", b'{"ProtectionEnabled":true}')):
+            status, _, answer = http_request(url, method, "/api/web/task-protection/v1/state", body=body)
+            assert status == 500
+            assert answer.startswith(b'{"error":{"Code":"ServerException","Message":'
+                                     b'"Failed to find a task for the request: ')
 
 
 # ---------------------------------------------------------------------------

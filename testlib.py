@@ -131,6 +131,21 @@ def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 
         time.sleep(interval)
 
 
+@contextlib.contextmanager
+def in_process_server(endpoints) -> Iterator[str]:
+    """local_endpoints' own EndpointsServer for endpoints (an ``Endpoints``), in this process: its URL.
+    For what only an in-process server lets a test do: a fault put in, calls recorded at the edge."""
+    from local_endpoints import EndpointsServer   # imported here: bench/ needs none of it
+    server = EndpointsServer(("127.0.0.1", 0), endpoints, 16)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def http_request(url: str, method: str = "GET", path: str = "/", headers=None,
                  body: bytes | None = None, timeout: float = 10.0):
     """One plain HTTP request with http.client: ``(status, headers, body)``.
