@@ -413,14 +413,14 @@ def test_allowed_roles_refuse_before_any_aws_call(start_server, moto, secrets):
     # Refused without any call: a name no entry could allow, ARNs outside the globs, and a
     # listed name asked for by ARN (that could be another account's role of the same name).
     for path in (f"/role-arn/arn:aws:iam::{ACCOUNT}:role/le-team-admin",
-                 f"/role-arn/arn:aws:iam::999999999999:role/le-team-app",
+                 "/role-arn/arn:aws:iam::999999999999:role/le-team-app",
                  f"/role-arn/arn:aws:iam::{ACCOUNT}:role/team-not-under-the-path"):
         doc = error_of(server.get(path), 403, "RoleNotAllowed")
         assert "ECS_LOCAL_ALLOWED_ROLES" in doc["message"]
     assert moto.count() == 0
     # A name that only the glob's ARN can rule on: IAM is read, STS is never called.
     doc = error_of(server.get("/role/le-team-admin"), 403, "RoleNotAllowed")
-    assert "ECS_LOCAL_ALLOWED_ROLES" in doc["message"] and f"role/le-team-admin" in doc["message"]
+    assert "ECS_LOCAL_ALLOWED_ROLES" in doc["message"] and "role/le-team-admin" in doc["message"]
     assert moto.count(service="sts") == 0 and moto.count("GetRole") == 1
     health = json.loads(server.get("/health")[2])
     assert health["credentials"]["allowedRoles"] == TEAM_ROLES.split(",")
