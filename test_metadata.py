@@ -855,6 +855,10 @@ def test_caller_by_ip_from_inside_containers(fleet, start_server, docker_engine)
     server = start_server(env={"DOCKER_HOST": docker_engine.host, "TASK_TAGS": "team=core"},
                           args=("--bind", "0.0.0.0"))
     base_a = f"http://{fleet.gateway(fleet.net_a)}:{server.port}"
+    # Every collector with two samples first: on an engine that already runs 100 containers the
+    # server starts one for each, and Docker may take longer than a request waits (503 then).
+    assert wait_for(lambda: (lambda h: h["statsReady"] == h["statsCollectors"] > 0)(
+        json.loads(server.get("/health")[2])), 90), server.get("/health")
     results = fetch_from(docker_engine, fleet.ids["a-web"], base_a,
                          "/v4", "/v3", "/v4/task", "/v3/task", "/v4/taskWithTags", "/v2/metadata",
                          "/v2/metadataWithTags", "/v4/stats", "/v2/stats", "/v3/task/stats", "/v4/task/stats")

@@ -140,9 +140,11 @@ def test_on_demand_collects_from_the_first_request(start_server, docker_engine, 
     assert_two_real_samples(stats, ids[0])
     assert docker_time(stats["read"]) > asked
     assert health(server)["statsCollectors"] == 1
-    task_stats = get_json(server, f"/v4/{names[0]}/task/stats")
-    assert all(task_stats[cid]["id"] == cid for cid in ids)
+    task_stats = get_json(server, f"/v4/{names[0]}/task/stats")   # starts the second collector
     assert health(server)["statsCollectors"] == 2
+    # Its first sample may take longer than a request waits on a busy engine ({} until then).
+    assert wait_for(lambda: all(get_json(server, f"/v4/{names[0]}/task/stats")[cid].get("id") == cid
+                                for cid in ids), 30), task_stats
 
 
 def test_stats_setting_is_checked(start_server):

@@ -67,7 +67,7 @@ PRIVATE_EXEC_ROOT = PRIVATE_RUN_DIR / "exec"
 PRIVATE_DATA_ROOT = Path("/var/lib/le-docker")
 # Serializes Docker-using sessions on a machine (fixed addresses, one private engine).
 MACHINE_LOCK = Path("/run/le-docker.lock")
-DOCKERD_START_TIMEOUT = 30.0
+DOCKERD_START_TIMEOUT = 120.0   # an engine restoring 100 containers at start-up takes a while
 DOCKERD_STOP_TIMEOUT = 60.0
 
 # Containers and networks of a session carry TEST_LABEL=SESSION_ID; images
