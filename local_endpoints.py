@@ -5089,11 +5089,6 @@ class AgentApiRoutes:
         return self.faults.answer(self.metadata, request, "status")
 
 
-# ---------------------------------------------------------------------------
-# ROUTES: every route, who may call it, whether it is audited, and what it may call out
-# ---------------------------------------------------------------------------
-
-
 @dataclass
 class Endpoints:
     """Everything the routes use, built once by build_endpoints(): the route families whose methods
@@ -5132,6 +5127,10 @@ def build_endpoints(config: Config, docker: DockerApi, identity: AwsApi, task: T
     return Endpoints(config, docker, identity, task, view, stats, vendor, access, audit, faults,
                      {type(family).__name__: family for family in families})
 
+
+# ---------------------------------------------------------------------------
+# ROUTES: every route, who may call it, whether it is audited, and what it may call out
+# ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Route:
