@@ -1452,12 +1452,11 @@ class ContainerView:
         """What is known now, without calling Docker (empty while Docker is unreachable)."""
         return self._snapshot if self._synced else self._empty
 
-    def first_round(self) -> Snapshot:
-        """What is known once the first sync has ended (waiting at most DOCKER_TIMEOUT for it,
-        without calling Docker): a server that has just started, on an engine with many
-        containers, must not judge a caller on the empty view it starts with."""
+    def await_first_sync(self) -> None:
+        """Wait (at most DOCKER_TIMEOUT, calling nothing) for the first sync to end: a server that
+        has just started, on an engine with many containers, must not judge a caller on the empty
+        view it starts with."""
         self._first_round.wait(DOCKER_TIMEOUT)
-        return self.current()
 
     def snapshot(self) -> Snapshot:
         """The current view, synchronising first if Docker was unreachable."""
@@ -2114,12 +2113,17 @@ class CallerPolicy:
             verdict = verdicts[caller] = any(caller in network for network in self.allowed_networks())
         return verdict
 
+    def _allowed_after_first_sync(self, caller: IPAddress) -> bool:
+        """A caller refused before the Docker view's first sync has ended, judged again after it:
+        the bridge subnets come from that view."""
+        if self._explicit is not None or self._view.reachable:
+            return False
+        self._view.await_first_sync()
+        return self.allows(caller)
+
     def check_caller(self, caller: IPAddress) -> None:
-        """The allowlist alone: IMDS callers send no Authorization header.  A caller refused
-        before the Docker view's first sync has ended is judged again after it (the bridge
-        subnets come from that view)."""
-        if not self.allows(caller) and not (self._explicit is None and not self._view.reachable and
-                                            self._view.first_round().bridge_subnets and self.allows(caller)):
+        """The allowlist alone: IMDS callers send no Authorization header."""
+        if not (self.allows(caller) or self._allowed_after_first_sync(caller)):
             raise ApiError(403, "CallerNotAllowed",
                            f"{caller} may not fetch credentials: allowed are loopback, link-local and the "
                            "Docker bridge networks; set ECS_LOCAL_ALLOWED_CALLERS (comma-separated CIDRs) "
@@ -3633,12 +3637,15 @@ class TaskProtectionError(ApiError):
         return {"requestID": self.request_id, "error": error} if self.request_id else {"error": error}
 
     def response(self) -> Response:
-        return Response(go_json(self.body()), self.status)
+        return Response(go_marshal(self.body()), self.status)
 
 
-def go_json(document: Any) -> bytes:
-    """JSON as the agent's Go encoder writes it: no spaces."""
-    return json.dumps(document, separators=(",", ":")).encode()
+def go_marshal(document: Any) -> bytes:
+    """JSON as Go's json.Marshal writes it: compact, UTF-8, with <, >, & and U+2028/9 escaped."""
+    text = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
+    for char in "<>&\u2028\u2029":
+        text = text.replace(char, f"\\u{ord(char):04x}")
+    return text.encode("utf-8", "replace")
 
 
 def parse_protection_request(body: bytes) -> tuple[bool | None, int | None]:
@@ -3809,14 +3816,6 @@ class FaultError(ApiError):
         if self.status == 429:
             return Response(self.message.encode(), 429, "text/plain; charset=utf-8", self.headers)
         return Response(go_marshal(self.body()), self.status, headers=self.headers)
-
-
-def go_marshal(document: Any) -> bytes:
-    """JSON as Go's json.Marshal writes it: compact, UTF-8, with <, >, & and U+2028/9 escaped."""
-    text = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
-    for char in "<>&\u2028\u2029":
-        text = text.replace(char, f"\\u{ord(char):04x}")
-    return text.encode("utf-8", "replace")
 
 
 # The request body, decoded as the agent's json.Decoder decodes it into the fault's struct.
@@ -4242,8 +4241,7 @@ class FaultInjector:
         self.limiter = RateLimiter(FAULT_RATE, 1, clock)
         self.lacking = fault_means(shutil.which, effective_capabilities()) if means is False else means
         self.kernel_config = read_kernel_config() if kernel_config is False else kernel_config
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_lock = threading.Lock()
+        self._locks = KeyedLocks()   # one request per namespace at a time
         self._applied: dict[tuple, tuple[FaultTarget, str, dict]] = {}   # (netns, fault, chain) -> what to stop
 
     def means_status(self) -> str:
@@ -4349,14 +4347,10 @@ class FaultInjector:
 
     # -- applying, stopping, reading -------------------------------------------
 
-    def _lock(self, target: FaultTarget) -> threading.Lock:
-        with self._locks_lock:
-            return self._locks.setdefault(target.netns or "host", threading.Lock())
-
     def _apply(self, fault: str, operation: str, fields: dict, target: FaultTarget, request_type: str) -> str:
         if self.lacking:
             raise FaultError(500, f"internal error: {self.lacking}")
-        with self._lock(target):
+        with self._locks(target.netns or "host"):
             commands = FaultCommands(self.execute)
             try:
                 if fault == "network-blackhole-port":
@@ -5063,7 +5057,7 @@ class AgentApiRoutes:
         return self.metadata.identity_of(caller).arn
 
     def protection_state(self, request: Request) -> bytes:
-        return go_json(self.protection.state(self._protected_task(request)))
+        return go_marshal(self.protection.state(self._protected_task(request)))
 
     def update_protection(self, request: Request) -> bytes:
         """The agent's checks in its order: the body, the task, ProtectionEnabled; then ECS's range."""
@@ -5077,7 +5071,7 @@ class AgentApiRoutes:
             raise TaskProtectionError(400, "InvalidParameterException",
                                       f"ExpiresInMinutes must be between 1 and {PROTECTION_MAX_MINUTES} minutes "
                                       f"(48 hours); got {minutes}", arn, str(uuid.uuid4()))
-        return go_json(self.protection.update(arn, enabled, minutes))
+        return go_marshal(self.protection.update(arn, enabled, minutes))
 
     def start_fault(self, request: Request) -> bytes:
         return self.faults.answer(self.metadata, request, "start")
